@@ -1,0 +1,3 @@
+from drivepriv.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,398 @@
+"""Run configuration: typed dataclasses, strict YAML loading and ``--set key=value`` overrides.
+
+A scenario YAML is a thin override of the defaults below. Loading is strict: an unknown key
+fails with a "did you mean", a wrong type or an impossible value names the file, the key and
+what was expected. Nested sections are merged key by key (never replaced wholesale), so no
+nested key is silently dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from drivepriv.errors import ConfigError, did_you_mean
+
+#: Features of the Kinematics observation that drivepriv decodes into physical units.
+KNOWN_FEATURES = ("presence", "x", "y", "vx", "vy", "cos_h", "sin_h")
+
+
+@dataclass
+class ObservationConfig:
+    """highway-env Kinematics observation: ego row absolute, neighbour rows ego-relative."""
+
+    vehicles_count: int = 5
+    features: list[str] = field(default_factory=lambda: list(KNOWN_FEATURES))
+    #: Physical range mapped onto [-1, 1] per feature. Choose it so nothing the agent sees
+    #: is clipped (clipped values cannot be inverted).
+    features_range: dict[str, list[float]] = field(
+        default_factory=lambda: {"x": [-500.0, 500.0], "y": [-20.0, 20.0], "vx": [-80.0, 80.0], "vy": [-80.0, 80.0]}
+    )
+    see_behind: bool = True
+    include_obstacles: bool = False
+
+    def validate(self, where: str) -> None:
+        if self.vehicles_count < 1:
+            raise ConfigError(f"{where}.vehicles_count: expected an integer >= 1, got {self.vehicles_count}")
+        for name in self.features:
+            if name not in KNOWN_FEATURES:
+                raise ConfigError(
+                    f"{where}.features: unknown feature '{name}'.{did_you_mean(name, KNOWN_FEATURES)} "
+                    f"Known: {', '.join(KNOWN_FEATURES)}."
+                )
+        for required in ("presence", "x", "y", "vx", "vy"):
+            if required not in self.features:
+                raise ConfigError(f"{where}.features: '{required}' is required (positions and speeds are decoded from it)")
+        for name, rng in self.features_range.items():
+            if name not in ("x", "y", "vx", "vy"):
+                raise ConfigError(f"{where}.features_range: only x, y, vx, vy take a range, got '{name}'")
+            if len(rng) != 2 or not rng[0] < rng[1]:
+                raise ConfigError(f"{where}.features_range.{name}: expected [low, high] with low < high, got {rng}")
+        missing = [k for k in ("x", "y", "vx", "vy") if k not in self.features_range]
+        if missing:
+            raise ConfigError(f"{where}.features_range: missing range for {', '.join(missing)}")
+
+
+@dataclass
+class EnvConfig:
+    """The simulator: backend, environment id and its overrides."""
+
+    backend: Literal["highway"] = "highway"
+    id: str = "merge-v0"
+    observation: ObservationConfig = field(default_factory=ObservationConfig)
+    #: Other highway-env configuration keys (checked against the environment's own defaults).
+    config: dict[str, Any] = field(default_factory=dict)
+    #: Truncate episodes after this many policy steps (0: the environment's own limit).
+    max_episode_steps: int = 60
+
+    def validate(self, where: str) -> None:
+        self.observation.validate(f"{where}.observation")
+        if self.max_episode_steps < 0:
+            raise ConfigError(f"{where}.max_episode_steps: expected an integer >= 0, got {self.max_episode_steps}")
+
+
+@dataclass
+class AgentConfig:
+    """Local DQN: MLP Q-network, target network, replay buffer, epsilon-greedy exploration."""
+
+    algorithm: Literal["dqn"] = "dqn"
+    hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
+    buffer_size: int = 5000
+    epsilon_start: float = 1.0
+    epsilon_end: float = 0.05
+    epsilon_decay_steps: int = 400
+
+    def validate(self, where: str) -> None:
+        if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
+            raise ConfigError(f"{where}.hidden_sizes: expected a non-empty list of positive widths, got {self.hidden_sizes}")
+        if self.buffer_size < 1:
+            raise ConfigError(f"{where}.buffer_size: expected an integer >= 1, got {self.buffer_size}")
+        for key in ("epsilon_start", "epsilon_end"):
+            v = getattr(self, key)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{where}.{key}: expected a probability in [0, 1], got {v}")
+
+
+@dataclass
+class FederationConfig:
+    """Clients, rounds and what they share (FedSGD gradients or FedAvg parameter deltas)."""
+
+    clients: int = 4
+    rounds: int = 12
+    strategy: Literal["fedsgd", "fedavg"] = "fedsgd"
+    #: Local SGD steps per round under FedAvg (FedSGD always shares one gradient).
+    local_steps: int = 1
+    batch_size: int = 8
+    lr: float = 1e-3
+    gamma: float = 0.99
+    server_optimizer: Literal["adam", "sgd"] = "adam"
+    #: Environment steps each client collects before the first round.
+    warmup_steps: int = 60
+    #: Environment steps each client collects in each round.
+    env_steps_per_round: int = 20
+    #: Copy the global network into the target network every this many rounds.
+    target_update_rounds: int = 4
+
+    def validate(self, where: str) -> None:
+        for key in ("clients", "rounds", "local_steps", "batch_size", "target_update_rounds"):
+            v = getattr(self, key)
+            if v < 1:
+                raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {v}")
+        for key in ("warmup_steps", "env_steps_per_round"):
+            v = getattr(self, key)
+            if v < 0:
+                raise ConfigError(f"{where}.{key}: expected an integer >= 0, got {v}")
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr: expected a positive learning rate, got {self.lr}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ConfigError(f"{where}.gamma: expected a discount in [0, 1], got {self.gamma}")
+        if self.warmup_steps + self.env_steps_per_round < self.batch_size:
+            raise ConfigError(
+                f"{where}: warmup_steps + env_steps_per_round ({self.warmup_steps} + {self.env_steps_per_round}) "
+                f"must be at least batch_size ({self.batch_size}) so a client can fill its first minibatch"
+            )
+
+
+@dataclass
+class DynamicsPriorConfig:
+    """The learned transition prior, fitted on the attacker's own rollouts of the public simulator."""
+
+    rollout_steps: int = 800
+    epochs: int = 60
+    hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
+    lr: float = 1e-3
+
+    def validate(self, where: str) -> None:
+        if self.rollout_steps < 2:
+            raise ConfigError(f"{where}.rollout_steps: expected an integer >= 2, got {self.rollout_steps}")
+        if self.epochs < 1:
+            raise ConfigError(f"{where}.epochs: expected an integer >= 1, got {self.epochs}")
+
+
+@dataclass
+class AttackConfig:
+    """Which attacks run, on which rounds and clients, and how hard they optimise."""
+
+    attacks: list[str] = field(default_factory=lambda: ["rgia", "dlg"])
+    #: Rounds to attack, 0-based; negative counts from the last round.
+    rounds: list[int] = field(default_factory=lambda: [0, -1])
+    #: Clients to attack (empty: all).
+    clients: list[int] = field(default_factory=list)
+    iterations: int = 400
+    restarts: int = 4
+    lr: float = 0.05
+    #: RGIA regularizer weights (0 switches a term off).
+    weights: dict[str, float] = field(default_factory=lambda: {"state": 1.0, "reward": 1.0, "dynamics": 1.0})
+    dynamics: DynamicsPriorConfig = field(default_factory=DynamicsPriorConfig)
+
+    def validate(self, where: str) -> None:
+        if not self.attacks:
+            raise ConfigError(f"{where}.attacks: expected at least one attack name")
+        for key in ("iterations", "restarts"):
+            v = getattr(self, key)
+            if v < 1:
+                raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {v}")
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr: expected a positive step size, got {self.lr}")
+        if not self.rounds:
+            raise ConfigError(f"{where}.rounds: expected at least one round to attack")
+        for name, w in self.weights.items():
+            if name not in ("state", "reward", "dynamics"):
+                raise ConfigError(
+                    f"{where}.weights: unknown regularizer '{name}'.{did_you_mean(name, ('state', 'reward', 'dynamics'))} "
+                    "Known: state, reward, dynamics."
+                )
+            if w < 0:
+                raise ConfigError(f"{where}.weights.{name}: expected a weight >= 0, got {w}")
+        self.dynamics.validate(f"{where}.dynamics")
+
+
+@dataclass
+class ReportConfig:
+    """What the report shows."""
+
+    figures: bool = True
+    #: At most this many attacked batches get a replay video (0: none).
+    videos: int = 2
+    fps: int = 15
+
+    def validate(self, where: str) -> None:
+        if self.videos < 0:
+            raise ConfigError(f"{where}.videos: expected an integer >= 0, got {self.videos}")
+        if self.fps < 1:
+            raise ConfigError(f"{where}.fps: expected an integer >= 1, got {self.fps}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs. Resolved (seed materialised) and written to config.yaml."""
+
+    name: str = "merge"
+    description: str = ""
+    seed: int = 0
+    out: str = "reports"
+    env: EnvConfig = field(default_factory=EnvConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def validate(self, where: str = "config") -> None:
+        if self.seed < 0:
+            raise ConfigError(f"{where}.seed: expected an integer >= 0, got {self.seed}")
+        self.env.validate(f"{where}.env")
+        self.agent.validate(f"{where}.agent")
+        self.federation.validate(f"{where}.federation")
+        self.attack.validate(f"{where}.attack")
+        self.report.validate(f"{where}.report")
+        n = self.federation.clients
+        for c in self.attack.clients:
+            if not 0 <= c < n:
+                raise ConfigError(f"{where}.attack.clients: client {c} does not exist (clients are 0..{n - 1})")
+        r = self.federation.rounds
+        for k in self.attack.rounds:
+            if not -r <= k < r:
+                raise ConfigError(f"{where}.attack.rounds: round {k} does not exist (rounds are 0..{r - 1}, or -1..-{r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Strict conversion from plain data
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (list, dict):
+        return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it (ints promoted to floats)."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} settings, got {type(value).__name__} {value!r}")
+        return _build(tp, value, where)
+    if tp is Any:
+        return copy.deepcopy(value)
+    if origin is Literal:
+        if value not in get_args(tp):
+            choices = [str(a) for a in get_args(tp)]
+            hint = did_you_mean(str(value), choices)
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}.{hint}")
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        (item,) = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        kt, vt = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {_convert(k, kt, f"{where} key"): _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {where}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str, base: Any = None) -> Any:
+    """Build dataclass ``cls`` from ``data`` on top of ``base`` (or the defaults), strictly."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    obj = copy.deepcopy(base) if base is not None else cls()
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(
+                f"{where}: unknown key '{key}'.{did_you_mean(str(key), names)} Known keys: {', '.join(names)}."
+            )
+        tp = hints[key]
+        sub = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{sub}: expected a mapping of {tp.__name__} settings, got {type(value).__name__} {value!r}")
+            setattr(obj, key, _build(tp, value, sub, getattr(obj, key)))
+        else:
+            new = _convert(value, tp, sub)
+            old = getattr(obj, key)
+            if isinstance(new, dict) and isinstance(old, dict):
+                new = {**old, **new}  # merge mappings key by key, never drop a default silently
+            setattr(obj, key, new)
+    return obj
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    return data
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config", base: RunConfig | None = None) -> RunConfig:
+    """Strictly build a validated :class:`RunConfig`; errors are prefixed with ``source``."""
+    try:
+        cfg = _build(RunConfig, data, "", base)
+        cfg.validate("")
+    except ConfigError as e:
+        msg = str(e)
+        msg = msg[1:] if msg.startswith(".") else msg
+        raise ConfigError(f"{source}: {msg}") from None
+    return cfg
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML (so ``3``, ``0.5``, ``[1, 2]``, ``true`` work)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, for example --set federation.clients=8")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: the key is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[tuple[list[str], Any]], source: str = "--set") -> RunConfig:
+    """Apply dotted-key overrides strictly (unknown keys and wrong types fail), then validate."""
+    nested: dict[str, Any] = {}
+    for keys, value in overrides:
+        node = nested
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: '{'.'.join(keys)}' conflicts with another override")
+        node[keys[-1]] = value
+    return config_from_dict(nested, source, base=cfg)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,89 @@
+"""highway-env backend: build a scenario's environment with a Kinematics observation we can decode."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")  # "dummy" renders all-black frames
+os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+
+import gymnasium as gym  # noqa: E402
+
+from drivepriv.config import EnvConfig  # noqa: E402
+from drivepriv.envs.codec import ObservationCodec  # noqa: E402
+from drivepriv.errors import ConfigError, did_you_mean  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# Keys drivepriv itself sets; a scenario changes them through env.observation instead.
+_MANAGED_KEYS = ("observation",)
+
+
+def _import_highway_env() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import highway_env  # noqa: F401  (registers the environments)
+
+
+def observation_config(cfg: EnvConfig) -> dict[str, Any]:
+    """The highway-env observation configuration for a scenario."""
+    obs = cfg.observation
+    return {
+        "type": "Kinematics",
+        "vehicles_count": obs.vehicles_count,
+        "features": list(obs.features),
+        "features_range": {k: list(v) for k, v in obs.features_range.items()},
+        "absolute": False,
+        "normalize": True,
+        "clip": True,
+        "order": "sorted",
+        "see_behind": obs.see_behind,
+        "include_obstacles": obs.include_obstacles,
+    }
+
+
+def make_codec(cfg: EnvConfig) -> ObservationCodec:
+    obs = cfg.observation
+    return ObservationCodec(
+        features=tuple(obs.features),
+        vehicles_count=obs.vehicles_count,
+        ranges={k: (float(v[0]), float(v[1])) for k, v in obs.features_range.items()},
+    )
+
+
+def make_env(cfg: EnvConfig, render_mode: str | None = None) -> gym.Env:
+    """Create the scenario's environment (unseeded: call ``reset(seed=...)``).
+
+    Unknown highway-env configuration keys fail with a did-you-mean instead of being ignored.
+    """
+    _import_highway_env()
+    if cfg.id not in gym.registry:
+        known = sorted(k for k in gym.registry if k.split("-")[0] in _highway_ids())
+        raise ConfigError(f"env.id: unknown environment '{cfg.id}'.{did_you_mean(cfg.id, known)} Known: {', '.join(known)}.")
+    entry = gym.registry[cfg.id]
+    env_cls = gym.envs.registration.load_env_creator(entry.entry_point)
+    defaults = env_cls.default_config()
+    for key in cfg.config:
+        if key in _MANAGED_KEYS:
+            raise ConfigError(f"env.config.{key}: set the observation through env.observation, not env.config")
+        if key not in defaults:
+            raise ConfigError(
+                f"env.config: unknown highway-env key '{key}' for {cfg.id}.{did_you_mean(key, defaults)} "
+                f"Known keys: {', '.join(sorted(defaults))}."
+            )
+    config = {**cfg.config, "observation": observation_config(cfg)}
+    kwargs: dict[str, Any] = {"config": config, "render_mode": render_mode}
+    if cfg.max_episode_steps:
+        kwargs["max_episode_steps"] = cfg.max_episode_steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # v0 ids are marked out of date; they still work
+        env = gym.make(cfg.id, **kwargs)
+    return env
+
+
+def _highway_ids() -> set[str]:
+    return {k.split("-")[0] for k, v in gym.registry.items() if "highway_env" in str(v.entry_point)}
