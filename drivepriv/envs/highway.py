@@ -87,3 +87,12 @@ def make_env(cfg: EnvConfig, render_mode: str | None = None) -> gym.Env:
 
 def _highway_ids() -> set[str]:
     return {k.split("-")[0] for k, v in gym.registry.items() if "highway_env" in str(v.entry_point)}
+
+
+def action_names(env: gym.Env) -> tuple[str, ...]:
+    """Names of the discrete actions, in index order (e.g. LANE_LEFT, IDLE, ...)."""
+    action_type = env.unwrapped.action_type
+    actions = getattr(action_type, "actions", None)
+    if isinstance(actions, dict):
+        return tuple(actions[i] for i in sorted(actions))
+    return tuple(str(i) for i in range(int(env.action_space.n)))

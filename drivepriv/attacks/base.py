@@ -1,0 +1,109 @@
+"""What an attack receives (the server's view plus public priors) and what it returns.
+
+The attacker's input is built only from what an FL server sees: the global and target
+parameters it sent, the loss specification and hyper-parameters it prescribed, the shared
+payload, and public knowledge of the simulator. The ground truth never enters here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from drivepriv.agents.dqn import DQNLossSpec
+from drivepriv.envs.codec import ObservationCodec
+from drivepriv.registry import Registry
+
+
+class RewardPrior(Protocol):
+    def __call__(self, next_world: Tensor, action_probs: Tensor, done: Tensor) -> Tensor: ...
+
+
+@dataclass
+class Priors:
+    """Public knowledge of the task: observation codec, road, reward function, transition model.
+
+    ``reward``, ``dynamics`` and ``state_penalty`` may be None where a scenario has none; the
+    regularizer is then switched off. ``prior_states`` are observations from the attacker's own
+    rollouts of the public simulator (used to initialise the optimisation).
+    """
+
+    codec: ObservationCodec
+    road: object | None = None
+    reward: RewardPrior | None = None
+    dynamics: nn.Module | None = None
+    state_penalty: Callable[[Tensor], Tensor] | None = None
+    prior_states: np.ndarray | None = None
+
+
+@dataclass
+class AttackInput:
+    """One client's update as the server sees it, with the public priors."""
+
+    model: nn.Module  # the architecture the server distributed (parameters are passed apart)
+    params: dict[str, Tensor]
+    target_params: dict[str, Tensor]
+    gradient: tuple[Tensor, ...]  # FedSGD gradient, in params order
+    loss: DQNLossSpec
+    batch_size: int
+    obs_shape: tuple[int, int]
+    n_actions: int
+    priors: Priors
+
+
+@dataclass
+class Reconstruction:
+    """A reconstructed minibatch in observation space, and what it cost."""
+
+    attack: str
+    states: np.ndarray  # (B, V, F) normalised
+    action_probs: np.ndarray  # (B, A)
+    rewards: np.ndarray  # (B,)
+    next_states: np.ndarray  # (B, V, F) normalised
+    dones: np.ndarray  # (B,)
+    objective: float = float("nan")
+    grad_distance: float = float("nan")
+    time_s: float = float("nan")
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def actions(self) -> np.ndarray:
+        return self.action_probs.argmax(-1)
+
+
+class Attack:
+    """Base class: ``run(inp, seed) -> Reconstruction``. Subclasses cite their paper."""
+
+    name: str = ""
+    summary: str = ""
+
+    def __init__(self, **settings: object) -> None:
+        self.settings = settings
+
+    def run(self, inp: AttackInput, seed: int) -> Reconstruction:
+        raise NotImplementedError
+
+
+ATTACKS: Registry[type[Attack]] = Registry("attack")
+
+
+def gradient_distance(g: tuple[Tensor, ...], target: tuple[Tensor, ...], kind: str) -> Tensor:
+    """Distance between two gradients given as tuples; leading dims (restarts) are kept.
+
+    ``l2``: squared L2; ``cosine``: 1 - cosine similarity; ``rel_l2``: squared L2 over the
+    target's squared norm (scale-free).
+    """
+    lead = g[0].shape[: g[0].dim() - target[0].dim()]
+    flat = torch.cat([x.reshape(*lead, -1) for x in g], dim=-1)
+    tflat = torch.cat([t.reshape(-1) for t in target])
+    if kind == "l2":
+        return ((flat - tflat) ** 2).sum(-1)
+    if kind == "rel_l2":
+        return ((flat - tflat) ** 2).sum(-1) / (tflat**2).sum().clamp_min(1e-30)
+    if kind == "cosine":
+        return 1.0 - (flat * tflat).sum(-1) / (flat.norm(dim=-1) * tflat.norm()).clamp_min(1e-30)
+    raise ValueError(f"unknown gradient distance {kind!r}")

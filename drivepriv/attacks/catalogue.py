@@ -1,0 +1,176 @@
+"""The attack catalogue (DESIGN.md section 3): one registry, one engine."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from drivepriv.attacks.base import ATTACKS, Attack, AttackInput, Reconstruction, gradient_distance
+from drivepriv.attacks.engine import EngineSettings, run_engine
+from drivepriv.agents.dqn import Batch
+
+
+def _linear_layers(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+@ATTACKS.register("analytic")
+class AnalyticAttack(Attack):
+    """Closed-form recovery from the layer gradients (no optimisation).
+
+    The input of a first linear layer with bias is ``dL/dW_j / dL/db_j`` for any unit j that
+    only one sample activates (exact for a batch of one; Phong et al., 2017, "Privacy-preserving
+    deep learning via additively homomorphic encryption"; Fowl et al., 2022, "Robbing the Fed").
+    Actions and TD errors follow from the last layer's gradient (iDLG: Zhao et al., 2020),
+    the next state from the transition prior, and the reward from the TD target.
+    """
+
+    name = "analytic"
+    summary = "closed form: first-layer input from weight/bias gradients, action and TD target from the last layer"
+
+    def run(self, inp: AttackInput, seed: int) -> Reconstruction:
+        t0 = time.perf_counter()
+        layers = _linear_layers(inp.model)
+        first, last = layers[0], layers[-1]
+        names = list(inp.params)
+        g = dict(zip(names, inp.gradient))
+        gw, gb = g[f"{first}.weight"].double(), g[f"{first}.bias"].double()
+        B, (V, F) = inp.batch_size, inp.obs_shape
+        states = _recover_inputs(gw, gb, B, inp.priors.prior_states, seed).reshape(B, V, F)
+        x = torch.as_tensor(states, dtype=torch.float32)
+
+        # Penultimate activations of the recovered inputs, then the per-sample output gradients.
+        feats: dict[str, Tensor] = {}
+        handle = dict(inp.model.named_modules())[last].register_forward_hook(lambda m, i, o: feats.__setitem__("h", i[0]))
+        with torch.no_grad():
+            q = functional_call(inp.model, inp.params, (x,))
+        handle.remove()
+        h = feats["h"].double()  # (B, H)
+        gwl, gbl = g[f"{last}.weight"].double(), g[f"{last}.bias"].double()  # (A, H), (A,)
+        design = torch.cat([h, torch.ones(B, 1, dtype=h.dtype)], dim=1)  # (B, H+1)
+        rhs = torch.cat([gwl, gbl[:, None]], dim=1)  # (A, H+1)
+        coef = torch.linalg.lstsq(design.T, rhs.T).solution  # (B, A): dL/dQ_ik
+        actions = coef.abs().argmax(-1)
+        td = (B * coef[torch.arange(B), actions]).clamp(-1.0, 1.0).float()  # huber'(q - y)
+        q_sa = q[torch.arange(B), actions]
+        y = q_sa - td
+        probs = nn.functional.one_hot(actions, inp.n_actions).float()
+        dyn = inp.priors.dynamics
+        with torch.no_grad():
+            next_states = dyn(x, probs) if dyn is not None else x.clone()
+            dones = torch.zeros(B)
+            q_next = functional_call(inp.model, inp.target_params, (next_states,)).max(-1).values
+            rewards = y - inp.loss.gamma * (1.0 - dones) * q_next
+        batch = Batch(x, probs, rewards, next_states, dones)
+        p = {k: v.detach().requires_grad_(True) for k, v in inp.params.items()}
+        g_hat = inp.loss.gradient(inp.model, p, inp.target_params, batch)
+        dist = float(gradient_distance(g_hat, tuple(inp.gradient), "rel_l2"))
+        return Reconstruction(
+            attack=self.name,
+            states=states.astype(np.float32),
+            action_probs=probs.numpy(),
+            rewards=rewards.numpy(),
+            next_states=next_states.numpy(),
+            dones=dones.numpy(),
+            objective=dist,
+            grad_distance=dist,
+            time_s=time.perf_counter() - t0,
+        )
+
+
+def _recover_inputs(gw: Tensor, gb: Tensor, batch_size: int, prior_states: np.ndarray | None, seed: int) -> np.ndarray:
+    """Inputs of a linear layer from its weight and bias gradients.
+
+    Every unit j with a non-zero bias gradient gives a candidate ``gw[j] / gb[j]``. Units that
+    only one sample activates give that sample's input exactly, so candidates that agree across
+    several units are the inputs; mixtures from units shared by several samples do not repeat.
+    """
+    scale = gb.abs().max()
+    if scale == 0:
+        raise ValueError("the first layer's bias gradient is zero: nothing to recover")
+    units = torch.nonzero(gb.abs() > 1e-9 * scale).flatten()
+    units = units[torch.argsort(gb[units].abs(), descending=True)]
+    cand = gw[units] / gb[units, None]
+    reps: list[Tensor] = []
+    counts: list[int] = []
+    for c in cand:
+        for k, r in enumerate(reps):
+            if torch.norm(c - r) <= 1e-4 * (1.0 + torch.norm(r)):
+                counts[k] += 1
+                break
+        else:
+            reps.append(c)
+            counts.append(1)
+    order = np.argsort(-np.asarray(counts), kind="stable")
+    chosen = [reps[k] for k in order[:batch_size] if counts[k] >= 2 or batch_size == 1]
+    out = [c.float().numpy() for c in chosen]
+    rng = np.random.default_rng(seed)
+    while len(out) < batch_size:  # not enough single-sample units: fill from the prior
+        if prior_states is not None and len(prior_states):
+            out.append(prior_states[rng.integers(len(prior_states))].reshape(-1))
+        else:
+            out.append(reps[order[len(out) % len(reps)]].float().numpy())
+    return np.stack(out[:batch_size])
+
+
+class _EngineAttack(Attack):
+    """An attack that is a configuration of the shared engine."""
+
+    def engine_settings(self, inp: AttackInput) -> EngineSettings:
+        raise NotImplementedError
+
+    def run(self, inp: AttackInput, seed: int) -> Reconstruction:
+        return run_engine(inp, self.engine_settings(inp), seed, self.name)
+
+    def _common(self) -> dict:
+        keys = ("iterations", "restarts", "lr")
+        return {k: self.settings[k] for k in keys if k in self.settings}
+
+
+@ATTACKS.register("dlg")
+class DLGAttack(_EngineAttack):
+    """Deep Leakage from Gradients (Zhu, Liu and Han, NeurIPS 2019): L2 gradient distance,
+    L-BFGS, every unknown free, no priors. Baseline."""
+
+    name = "dlg"
+    summary = "Deep Leakage from Gradients: L2 gradient matching, L-BFGS, no priors (baseline)"
+
+    def engine_settings(self, inp: AttackInput) -> EngineSettings:
+        c = self._common()
+        c.pop("lr", None)
+        return EngineSettings(**c, optimizer="lbfgs", distance="l2", init="normal")
+
+
+@ATTACKS.register("ig")
+class InvertingGradientsAttack(_EngineAttack):
+    """Inverting Gradients (Geiping et al., NeurIPS 2020): cosine gradient distance, Adam,
+    box constraints on the observation. Baseline."""
+
+    name = "ig"
+    summary = "Inverting Gradients: cosine gradient matching, Adam, box constraints (baseline)"
+
+    def engine_settings(self, inp: AttackInput) -> EngineSettings:
+        return EngineSettings(**self._common(), optimizer="adam", distance="cosine", init="normal", box=True)
+
+
+@ATTACKS.register("rgia")
+class RGIAAttack(_EngineAttack):
+    """Regularization Gradient Inversion Attack (He, 2025, "Gradient Inversion in Federated
+    Reinforcement Learning", arXiv 2512.00303): gradient matching plus state-feasibility, reward
+    and transition-dynamics regularizers built from public prior knowledge of the task. Our
+    formulation: DESIGN.md section 2. Initialised from the attacker's own simulator rollouts."""
+
+    name = "rgia"
+    summary = "RGIA: gradient matching + state, reward and learned-dynamics regularizers"
+
+    def engine_settings(self, inp: AttackInput) -> EngineSettings:
+        weights = dict(self.settings.get("weights", {"state": 1.0, "reward": 1.0, "dynamics": 1.0}))
+        return EngineSettings(**self._common(), optimizer="adam", distance="rel_l2", init="prior", box=True, weights=weights)
+
+
+def make_attack(name: str, **settings: object) -> Attack:
+    return ATTACKS.get(name)(**settings)

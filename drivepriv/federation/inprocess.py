@@ -1,0 +1,210 @@
+"""In-process federation: N clients with their own environments, a server that aggregates.
+
+Each round every client collects experience with the current global policy, then shares
+either the gradient of its TD loss on one minibatch (FedSGD) or its parameter delta after K
+local SGD steps (FedAvg). The server averages and steps. For every attacked (client, round)
+the server's view is recorded; the true minibatch is recorded apart, for metrics only.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from drivepriv.agents.dqn import Batch, DQNLossSpec, QNetwork, ReplayBuffer, epsilon_at
+from drivepriv.config import RunConfig
+from drivepriv.envs import make_env
+from drivepriv.seeding import derive_seed, numpy_rng
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerView:
+    """Everything the server knows about one client's update in one round (and nothing more)."""
+
+    round: int
+    client: int
+    strategy: str
+    params: dict[str, torch.Tensor]
+    target_params: dict[str, torch.Tensor]
+    #: FedSGD: the gradient; FedAvg: the parameter delta. One tensor per parameter, params order.
+    payload: tuple[torch.Tensor, ...]
+    batch_size: int
+    local_steps: int
+    lr: float
+    loss: DQNLossSpec
+
+    def gradient(self) -> tuple[torch.Tensor, ...]:
+        """The shared gradient (FedSGD), or -delta/lr for one local SGD step (FedAvg, K=1)."""
+        if self.strategy == "fedsgd":
+            return self.payload
+        if self.local_steps == 1:
+            return tuple(-d / self.lr for d in self.payload)
+        raise NotImplementedError("attacking FedAvg deltas of several local steps needs the unrolled attack")
+
+
+@dataclass
+class GroundTruth:
+    """The client's true minibatch(es) behind one update. Metrics only: attacks never see it."""
+
+    round: int
+    client: int
+    batches: list[dict[str, np.ndarray]]
+    #: (episode id, step) of every transition, per local step.
+    origins: list[np.ndarray]
+
+
+@dataclass
+class FederationResult:
+    model: QNetwork
+    views: list[ServerView]
+    truths: dict[tuple[int, int], GroundTruth]
+    training: pd.DataFrame
+    final_params: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Client:
+    """One vehicle / fleet: its own environment, seeds, replay buffer and exploration."""
+
+    def __init__(self, cid: int, cfg: RunConfig, obs_shape: tuple[int, ...], n_actions: int) -> None:
+        self.cid = cid
+        self.cfg = cfg
+        self.env = make_env(cfg.env)
+        self.n_actions = n_actions
+        self.rng = numpy_rng(cfg.seed, "client", cid)
+        self.buffer = ReplayBuffer(cfg.agent.buffer_size, obs_shape, n_actions)
+        self.env_steps = 0
+        self.episode = 0
+        self.episode_step = 0
+        self.episode_return = 0.0
+        self.finished_returns: list[float] = []
+        self.crashes: list[bool] = []
+        self.obs, _ = self.env.reset(seed=derive_seed(cfg.seed, "client", cid, "episode", 0))
+
+    def act(self, model: QNetwork) -> int:
+        a = self.cfg.agent
+        eps = epsilon_at(self.env_steps, a.epsilon_start, a.epsilon_end, a.epsilon_decay_steps)
+        if self.rng.random() < eps:
+            return int(self.rng.integers(self.n_actions))
+        with torch.no_grad():
+            q = model(torch.as_tensor(self.obs[None]))
+        return int(q.argmax(-1).item())
+
+    def collect(self, model: QNetwork, steps: int) -> None:
+        for _ in range(steps):
+            action = self.act(model)
+            obs2, reward, terminated, truncated, info = self.env.step(action)
+            self.buffer.add(self.obs, action, float(reward), obs2, bool(terminated), self.episode, self.episode_step)
+            self.env_steps += 1
+            self.episode_step += 1
+            self.episode_return += float(reward)
+            self.obs = obs2
+            if terminated or truncated:
+                self.finished_returns.append(self.episode_return)
+                self.crashes.append(bool(info.get("crashed", False)))
+                self.episode += 1
+                self.episode_step = 0
+                self.episode_return = 0.0
+                seed = derive_seed(self.cfg.seed, "client", self.cid, "episode", self.episode)
+                self.obs, _ = self.env.reset(seed=seed)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def run_federation(cfg: RunConfig, attacked: set[tuple[int, int]], progress: bool = True) -> FederationResult:
+    """Train the federation; record server views and ground truth for ``attacked`` (round, client) pairs."""
+    fed, agent = cfg.federation, cfg.agent
+    probe = make_env(cfg.env)
+    obs_shape = probe.observation_space.shape
+    n_actions = int(probe.action_space.n)
+    probe.close()
+
+    torch.manual_seed(derive_seed(cfg.seed, "model-init"))
+    model = QNetwork(int(np.prod(obs_shape)), n_actions, agent.hidden_sizes)
+    target = copy.deepcopy(model)
+    loss_spec = DQNLossSpec(gamma=fed.gamma)
+    if fed.server_optimizer == "adam":
+        server_opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=fed.lr)
+    else:
+        server_opt = torch.optim.SGD(model.parameters(), lr=fed.lr)
+
+    clients = [Client(i, cfg, obs_shape, n_actions) for i in range(fed.clients)]
+    views: list[ServerView] = []
+    truths: dict[tuple[int, int], GroundTruth] = {}
+    rows = []
+    bar = tqdm(range(fed.rounds), desc="train", unit="round", disable=not progress, leave=False)
+    for rnd in bar:
+        params = {k: v.detach().clone() for k, v in model.named_parameters()}
+        target_params = {k: v.detach().clone() for k, v in target.named_parameters()}
+        payloads = []
+        for client in clients:
+            client.collect(model, fed.env_steps_per_round + (fed.warmup_steps if rnd == 0 else 0))
+            rng = numpy_rng(cfg.seed, "client", client.cid, "round", rnd, "minibatch")
+            batches, origins = [], []
+            if fed.strategy == "fedsgd":
+                batch, idx = client.buffer.sample(fed.batch_size, rng)
+                payload = loss_spec.gradient(model, params, target_params, batch)
+                batches.append(batch.numpy())
+                origins.append(client.buffer.origin[idx].copy())
+            else:
+                local = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+                for _ in range(fed.local_steps):
+                    batch, idx = client.buffer.sample(fed.batch_size, rng)
+                    grads = loss_spec.gradient(model, local, target_params, batch)
+                    local = {k: (v - fed.lr * g).detach().requires_grad_(True) for (k, v), g in zip(local.items(), grads)}
+                    batches.append(batch.numpy())
+                    origins.append(client.buffer.origin[idx].copy())
+                payload = tuple((local[k] - params[k]).detach() for k in params)
+            payload = tuple(p.detach().clone() for p in payload)
+            payloads.append(payload)
+            if (rnd, client.cid) in attacked:
+                views.append(
+                    ServerView(rnd, client.cid, fed.strategy, params, target_params, payload, fed.batch_size, fed.local_steps, fed.lr, loss_spec)
+                )
+                truths[(rnd, client.cid)] = GroundTruth(rnd, client.cid, batches, origins)
+            recent = client.finished_returns[-5:]
+            rows.append(
+                {
+                    "round": rnd,
+                    "client": client.cid,
+                    "env_steps": client.env_steps,
+                    "episodes": client.episode,
+                    "mean_return_last5": float(np.mean(recent)) if recent else float("nan"),
+                    "crash_rate_last5": float(np.mean(client.crashes[-5:])) if client.crashes else float("nan"),
+                }
+            )
+        mean = [torch.stack(ps).mean(0) for ps in zip(*payloads)]
+        if fed.strategy == "fedsgd":
+            server_opt.zero_grad()
+            for p, g in zip(model.parameters(), mean):
+                p.grad = g.clone()
+            server_opt.step()
+        else:
+            with torch.no_grad():
+                for p, d in zip(model.parameters(), mean):
+                    p.add_(d)
+        if (rnd + 1) % fed.target_update_rounds == 0:
+            target.load_state_dict(model.state_dict())
+    for c in clients:
+        c.close()
+    final = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return FederationResult(model=model, views=views, truths=truths, training=pd.DataFrame(rows), final_params=final)
+
+
+def resolve_attacked(cfg: RunConfig) -> set[tuple[int, int]]:
+    """The (round, client) pairs the configuration asks to attack."""
+    r = cfg.federation.rounds
+    rounds = sorted({k % r for k in cfg.attack.rounds})
+    clients = cfg.attack.clients or list(range(cfg.federation.clients))
+    return {(rnd, c) for rnd in rounds for c in clients}
+
+
+__all__ = ["Batch", "Client", "FederationResult", "GroundTruth", "ServerView", "resolve_attacked", "run_federation"]

@@ -1,0 +1,48 @@
+"""Matching and scoring: permutation invariance, zero error on the truth, units."""
+
+import numpy as np
+
+from drivepriv.config import RunConfig
+from drivepriv.envs import make_codec
+from drivepriv.metrics.scores import Truth, match_transitions, score
+from tests.test_codec import real_observations
+
+
+def make_truth(n=8):
+    obs = real_observations(n + 1, seed=5)
+    rng = np.random.default_rng(0)
+    return Truth(obs[:-1], rng.integers(0, 5, n), rng.normal(size=n).astype(np.float32), obs[1:], np.zeros(n, np.float32))
+
+
+def test_truth_scores_zero():
+    codec = make_codec(RunConfig().env)
+    t = make_truth()
+    m, perm = score(t, t.states, t.actions, t.rewards, t.next_states, codec)
+    assert list(perm) == list(range(len(perm)))
+    assert m["ego_pos_err_m"] < 1e-4 and m["next_state_err_m"] < 1e-4 and m["neighbour_pos_err_m"] < 1e-4
+    assert m["action_acc"] == 1.0 and m["reward_abs_err"] == 0.0 and m["ego_within_1m"] == 1.0
+
+
+def test_permutation_invariance():
+    codec = make_codec(RunConfig().env)
+    t = make_truth()
+    rng = np.random.default_rng(1)
+    noisy = t.states + rng.normal(scale=1e-3, size=t.states.shape).astype(np.float32)
+    noisy[..., 0] = t.states[..., 0]
+    base, _ = score(t, noisy, t.actions, t.rewards, t.next_states, codec)
+    perm = rng.permutation(len(noisy))
+    shuffled, p = score(t, noisy[perm], t.actions[perm], t.rewards[perm], t.next_states[perm], codec)
+    assert np.array_equal(perm[p], np.arange(len(perm)))
+    for k in base:
+        assert np.isclose(base[k], shuffled[k], equal_nan=True), k
+
+
+def test_errors_in_metres():
+    codec = make_codec(RunConfig().env)
+    t = make_truth()
+    shifted = codec.to_normalised(codec.to_physical(t.states) + np.array([0, 2.0, 0, 0, 0, 0, 0], np.float32) * np.eye(5, 1).T[0][:, None][None])
+    # ego row shifted by 2 m along x (neighbour rows are ego-relative, so they move with it)
+    m, _ = score(t, shifted, t.actions, t.rewards, t.next_states, codec)
+    assert abs(m["ego_pos_err_m"] - 2.0) < 1e-3
+    assert abs(m["neighbour_pos_err_m"] - 2.0) < 1e-3
+    assert match_transitions(t.states, shifted, codec).tolist() == list(range(len(shifted)))
