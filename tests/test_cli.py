@@ -1,0 +1,88 @@
+"""End to end through the real command line: `drivepriv eval --scenario merge --quick`."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio_ffmpeg
+import pandas as pd
+import pytest
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "drivepriv", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    results = []
+    for k in range(2):
+        r = run("eval", "--scenario", "merge", "--quick", "--seed", "7", "--out", str(out / f"run{k}"), "--no-progress", cwd=out)
+        assert r.returncode == 0, r.stderr[-3000:]
+        results.append((r, out / f"run{k}"))
+    return results
+
+
+def test_quick_run_writes_complete_report(two_runs):
+    r, out = two_runs[0]
+    runs = list((out / "merge").iterdir())
+    assert len(runs) == 1 and not runs[0].name.endswith(".incomplete")
+    run_dir = runs[0]
+    assert "seed7" in run_dir.name
+    for name in ("report.html", "metrics.csv", "config.yaml", "versions.json", "timings.csv", "training.csv"):
+        assert (run_dir / name).is_file(), name
+    assert f"report: {run_dir / 'report.html'}" in r.stdout
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert set(metrics["attack"]) == {"rgia", "dlg"}
+    assert len(metrics) == 2 * 2  # 2 attacks x 2 clients x 1 attacked round
+    assert metrics[["ego_pos_err_m", "next_state_err_m", "dyn_residual_m"]].notna().all().all()
+    versions = json.loads((run_dir / "versions.json").read_text())
+    assert versions["torch"].startswith("2.13")
+    html = (run_dir / "report.html").read_text()
+    assert "rgia" in html and "dlg" in html
+    videos = list((run_dir / "videos").glob("*.mp4"))
+    assert videos, "the report needs at least one replay video"
+    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(videos[0])], capture_output=True, text=True)
+    assert "Video: h264" in probe.stderr
+    for ref in ("figures/", "videos/"):
+        assert ref in html
+
+
+def test_same_seed_same_metrics(two_runs):
+    files = [next((out / "merge").iterdir()) / "metrics.csv" for _, out in two_runs]
+    assert files[0].read_bytes() == files[1].read_bytes()
+
+
+def test_scenarios_and_attacks_listed(tmp_path):
+    r = run("scenarios", cwd=tmp_path)
+    assert r.returncode == 0
+    for name in ("merge", "highway", "roundabout", "intersection"):
+        assert name in r.stdout
+    r = run("attacks", cwd=tmp_path)
+    assert r.returncode == 0 and "rgia" in r.stdout and "dlg" in r.stdout
+
+
+def test_interrupted_run_does_not_look_complete(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "drivepriv", "eval", "--scenario", "merge", "--quick", "--out", str(out), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("merge/*.incomplete")):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    runs = list((out / "merge").iterdir())
+    assert runs and all(p.name.endswith(".incomplete") for p in runs)
+    assert not any((p / "report.html").exists() for p in runs)
