@@ -169,7 +169,9 @@ class RGIAAttack(_EngineAttack):
 
     def engine_settings(self, inp: AttackInput) -> EngineSettings:
         weights = dict(self.settings.get("weights", {"state": 1.0, "reward": 1.0, "dynamics": 1.0}))
-        return EngineSettings(**self._common(), optimizer="adam", distance="rel_l2", init="prior", box=True, weights=weights)
+        return EngineSettings(
+            **self._common(), optimizer="adam", distance="rel_l2", init="prior", box=True, weights=weights
+        )
 
 
 def make_attack(name: str, **settings: object) -> Attack:
