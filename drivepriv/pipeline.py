@@ -143,6 +143,9 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True) -> RunRes
     (work / "versions.json").write_text(json.dumps(library_versions(), indent=2))
 
     seed_everything(cfg.seed)
+    # The networks are small: a second thread buys almost nothing and, on a shared 2-core
+    # machine, thread contention made torch many times slower. One thread is also reproducible.
+    torch.set_num_threads(1)
     attacked = resolve_attacked(cfg)
     fed = run_federation(cfg, attacked, progress=progress)
     fed.training.to_csv(work / "training.csv", index=False)

@@ -168,7 +168,7 @@ class RGIAAttack(_EngineAttack):
     summary = "RGIA: gradient matching + state, reward and learned-dynamics regularizers"
 
     def engine_settings(self, inp: AttackInput) -> EngineSettings:
-        weights = dict(self.settings.get("weights", {"state": 1.0, "reward": 1.0, "dynamics": 1.0}))
+        weights = dict(self.settings.get("weights", {"state": 1.0, "reward": 1.0, "dynamics": 0.1}))
         return EngineSettings(
             **self._common(), optimizer="adam", distance="rel_l2", init="prior", box=True, weights=weights
         )
