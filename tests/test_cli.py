@@ -86,3 +86,15 @@ def test_interrupted_run_does_not_look_complete(tmp_path):
     runs = list((out / "merge").iterdir())
     assert runs and all(p.name.endswith(".incomplete") for p in runs)
     assert not any((p / "report.html").exists() for p in runs)
+
+
+@pytest.mark.parametrize(
+    "scenario, extra",
+    [("highway", ["--set", "federation.strategy=fedavg"]), ("roundabout", []), ("intersection", [])],
+)
+def test_other_scenarios_quick(tmp_path, scenario, extra):
+    r = run("eval", "--scenario", scenario, "--quick", "--out", str(tmp_path), "--no-progress", "--set", "report.videos=0", *extra, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = next((tmp_path / scenario).iterdir())
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert set(metrics["attack"]) == {"rgia", "dlg"} and metrics["ego_pos_err_m"].notna().all()
