@@ -8,7 +8,6 @@ import logging
 import platform
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -24,7 +23,7 @@ from drivepriv.config import RunConfig, dump_yaml
 from drivepriv.envs import make_codec, make_env
 from drivepriv.envs.highway import action_names
 from drivepriv.errors import ConfigError
-from drivepriv.federation.inprocess import FederationResult, GroundTruth, ServerView, resolve_attacked, run_federation
+from drivepriv.federation.inprocess import GroundTruth, ServerView, resolve_attacked, run_federation
 from drivepriv.metrics.dynamics import SimulatorStepper
 from drivepriv.metrics.scores import METRIC_HELP, Truth, score
 from drivepriv.priors.dynamics import collect_rollouts, fit_dynamics
@@ -155,6 +154,7 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True) -> RunRes
     obs_shape = (codec.vehicles_count, codec.n_features)
     n_actions = fed.model.n_actions
     stepper = SimulatorStepper(make_env(cfg.env), codec)
+    names = action_names(stepper.env)
 
     rows, timings, scenes = [], [], []
     views = sorted(fed.views, key=lambda v: (v.round, v.client))
@@ -185,18 +185,14 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True) -> RunRes
     pd.DataFrame(timings).to_csv(work / "timings.csv", index=False, float_format="%.4g")
     (work / "attacker.json").write_text(json.dumps({"dynamics_prior": dyn_stats}, indent=2))
 
-    summary = _write_report(cfg, work, metrics, pd.DataFrame(timings), scenes, road, command, progress)
+    summary = _write_report(cfg, work, metrics, pd.DataFrame(timings), scenes, road, codec, names, command, progress)
     shutil.move(str(work), str(final_dir))
     return RunResult(final_dir, metrics, summary)
 
 
-def _write_report(cfg, work: Path, metrics: pd.DataFrame, timings: pd.DataFrame, scenes, road, command: str, progress: bool) -> pd.DataFrame:
+def _write_report(cfg, work, metrics, timings, scenes, road, codec, names, command: str, progress: bool) -> pd.DataFrame:
     from drivepriv.report import ReportContext, SceneBatch, draw_batch_figure, render_report, summarise, write_replay_video
 
-    codec = make_codec(cfg.env)
-    env = make_env(cfg.env)
-    names = action_names(env)
-    env.close()
     batches = []
     for k, (view, truth, recs) in enumerate(tqdm(scenes, desc="report", unit="batch", disable=not progress, leave=False)):
         label = f"client {view.client} · round {view.round}"
@@ -258,7 +254,3 @@ def tidy_summary(metrics: pd.DataFrame) -> pd.DataFrame:
     out = metrics.groupby("attack", sort=False)[cols].median()
     out.insert(0, "n", metrics.groupby("attack", sort=False).size())
     return out
-
-
-def elapsed(t0: float) -> str:
-    return f"{time.perf_counter() - t0:.0f} s"

@@ -41,14 +41,6 @@ class EngineSettings:
     init: str = "normal"  # "normal" (N(0,1), as DLG) or "prior" (attacker's own rollouts)
     box: bool = False  # project states into the observation box [-1, 1] after each step
     fixed_actions: np.ndarray | None = None  # (B,) actions recovered beforehand (iDLG)
-    #: Optimise states in physically scaled coordinates (one unit = ~1 m, 0.5 m/s...) instead of
-    #: normalised ones, using the public observation layout: a preconditioner.
-    physical_steps: bool = False
-
-
-#: Step size per feature in physical units when ``physical_steps`` is on.
-PHYSICAL_STEP = {"x": 1.0, "y": 0.5, "vx": 0.5, "vy": 0.5}
-UNIT_STEP = 0.05
 
 
 @dataclass
@@ -63,23 +55,9 @@ class _Vars:
         return [self.states, self.action_logits, self.rewards, self.next_states, self.done_logits]
 
 
-def _decode(v: _Vars, fixed_actions: Tensor | None, step: Tensor) -> Batch:
+def _decode(v: _Vars, fixed_actions: Tensor | None) -> Batch:
     actions = fixed_actions.expand_as(v.action_logits) if fixed_actions is not None else torch.softmax(v.action_logits, -1)
-    return Batch(v.states * step, actions, v.rewards, v.next_states * step, torch.sigmoid(v.done_logits))
-
-
-def _step_scale(inp: AttackInput, settings: EngineSettings) -> Tensor:
-    """Normalised units per optimisation unit, per feature (ones unless ``physical_steps``)."""
-    codec = inp.priors.codec
-    step = torch.ones(codec.n_features)
-    if settings.physical_steps:
-        for i, f in enumerate(codec.features):
-            if f in codec.ranges:
-                lo, hi = codec.ranges[f]
-                step[i] = PHYSICAL_STEP.get(f, 1.0) / ((hi - lo) / 2.0)
-            else:
-                step[i] = UNIT_STEP
-    return step
+    return Batch(v.states, actions, v.rewards, v.next_states, torch.sigmoid(v.done_logits))
 
 
 def _init_vars(inp: AttackInput, s: EngineSettings, gen: torch.Generator) -> _Vars:
@@ -103,14 +81,11 @@ def _init_vars(inp: AttackInput, s: EngineSettings, gen: torch.Generator) -> _Va
     )
 
 
-def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str, init: _Vars | None = None) -> Reconstruction:
+def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str) -> Reconstruction:
     """Optimise R restarts of the dummy batch; return the restart with the lowest objective."""
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(derive_seed(seed, "attack", name, "init"))
-    v = init if init is not None else _init_vars(inp, settings, gen)
-    step = _step_scale(inp, settings)
-    with torch.no_grad():
-        v.states, v.next_states = v.states / step, v.next_states / step
+    v = _init_vars(inp, settings, gen)
     for t in v.tensors():
         t.requires_grad_(True)
     fixed = None
@@ -131,7 +106,7 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str,
     regs = {k: REGULARIZERS.get(k) for k in active}
 
     def objective() -> tuple[Tensor, Tensor]:
-        b = _decode(v, fixed, step)
+        b = _decode(v, fixed)
         g = batched_gradient(b.states, b.actions, b.rewards, b.next_states, b.dones)
         dist = gradient_distance(g, target_grad, settings.distance)
         total = dist
@@ -155,7 +130,7 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str,
         for _ in range(max(1, settings.iterations // 20)):
             opt.step(closure)
             if settings.box:
-                _project(v, step)
+                _project(v)
     else:
         opt = torch.optim.Adam(v.tensors(), lr=settings.lr)
         # Cosine decay to 1/1000 of the step size: coarse search first, then metre-level precision
@@ -168,13 +143,13 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str,
             opt.step()
             sched.step()
             if settings.box:
-                _project(v, step)
+                _project(v)
 
     with torch.no_grad():
         total, dist = objective()
         total = torch.where(torch.isfinite(total), total, torch.full_like(total, float("inf")))
         best = int(total.argmin())
-        b = _decode(v, fixed, step)
+        b = _decode(v, fixed)
     return Reconstruction(
         attack=name,
         states=b.states[best].detach().numpy().copy(),
@@ -190,12 +165,6 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str,
 
 
 @torch.no_grad()
-def _project(v: _Vars, step: Tensor) -> None:
-    bound = 1.0 / step
-    v.states.copy_(torch.maximum(torch.minimum(v.states, bound), -bound))
-    v.next_states.copy_(torch.maximum(torch.minimum(v.next_states, bound), -bound))
-
-
-def make_vars(states: Tensor, action_logits: Tensor, rewards: Tensor, next_states: Tensor, done_logits: Tensor) -> _Vars:
-    """Explicit initial values (R leading dim) for :func:`run_engine`."""
-    return _Vars(states.clone(), action_logits.clone(), rewards.clone(), next_states.clone(), done_logits.clone())
+def _project(v: _Vars) -> None:
+    v.states.clamp_(-1.0, 1.0)
+    v.next_states.clamp_(-1.0, 1.0)

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from drivepriv.agents.dqn import Batch, DQNLossSpec, QNetwork, ReplayBuffer, epsilon_at
+from drivepriv.agents.dqn import DQNLossSpec, QNetwork, ReplayBuffer, epsilon_at
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_env
 from drivepriv.seeding import derive_seed, numpy_rng
@@ -207,4 +207,4 @@ def resolve_attacked(cfg: RunConfig) -> set[tuple[int, int]]:
     return {(rnd, c) for rnd in rounds for c in clients}
 
 
-__all__ = ["Batch", "Client", "FederationResult", "GroundTruth", "ServerView", "resolve_attacked", "run_federation"]
+__all__ = ["Client", "FederationResult", "GroundTruth", "ServerView", "resolve_attacked", "run_federation"]
