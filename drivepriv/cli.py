@@ -7,15 +7,12 @@ import logging
 import shlex
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from drivepriv import __version__
-from drivepriv.config import RunConfig, apply_overrides, config_from_dict, load_yaml, parse_override
-from drivepriv.errors import ConfigError, DriveprivError, did_you_mean
-
-#: Where the scenario catalogue lives (the repository's scenarios/ folder).
-SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+from drivepriv.config import RunConfig, apply_overrides, load_yaml, parse_override
+from drivepriv.errors import ConfigError, DriveprivError
+from drivepriv.scenarios import load_scenario, scenario_catalogue
 
 #: --quick: a tiny run for tests and first tries (applied before --set and the explicit options).
 QUICK = {
@@ -31,33 +28,6 @@ QUICK = {
     "attack.dynamics.epochs": 5,
     "report.videos": 1,
 }
-
-
-def scenario_catalogue() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(SCENARIO_DIR.glob("*.yaml"))}
-
-
-def resolve_scenario(spec: str) -> tuple[Path, str]:
-    """A scenario name from the catalogue, or a path to a YAML file of the same schema."""
-    catalogue = scenario_catalogue()
-    if spec in catalogue:
-        return catalogue[spec], spec
-    path = Path(spec)
-    if path.suffix in (".yaml", ".yml") or "/" in spec:
-        if not path.is_file():
-            raise ConfigError(f"scenario file {spec} does not exist")
-        return path, path.stem
-    raise ConfigError(
-        f"unknown scenario '{spec}'.{did_you_mean(spec, catalogue)} Known scenarios: {', '.join(catalogue)} "
-        "(or give a path to a scenario YAML file)."
-    )
-
-
-def load_scenario(spec: str) -> RunConfig:
-    path, stem = resolve_scenario(spec)
-    data = load_yaml(path)
-    data.setdefault("name", stem)
-    return config_from_dict(data, source=str(path))
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from drivepriv.cli import load_scenario, scenario_catalogue
+from drivepriv.scenarios import load_scenario, scenario_catalogue
 from drivepriv.config import RunConfig, apply_overrides, config_from_dict, parse_override
 from drivepriv.errors import ConfigError
 

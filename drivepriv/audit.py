@@ -1,0 +1,197 @@
+"""Audit API: what do the gradients of *your* federated RL system give away?
+
+For users who run their own FRL system, without drivepriv's training loop::
+
+    from drivepriv.audit import make_env, invert_gradients, decode_observations
+    env = make_env("merge", seed=0)          # the environment whose observations the priors expect
+    rec = invert_gradients(model, gradients, scenario="merge", algorithm="dqn", batch_size=8)
+    decode_observations("merge", rec.states)  # DataFrame in physical units
+
+``algorithm="dqn"`` means exactly: the mean over the batch of
+``smooth_l1(Q(s)[a], r + gamma * (1 - done) * max_a' Q_target(s')[a'])``, target detached,
+where Q takes the flattened observation. The model may be any ``nn.Module`` whose first layer
+is ``nn.Linear`` (any widths and activations).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from drivepriv.agents.dqn import DQNLossSpec
+from drivepriv.attacks import AttackInput, make_attack
+from drivepriv.config import RunConfig, apply_overrides
+from drivepriv.envs import make_codec
+from drivepriv.envs import make_env as _make_env
+from drivepriv.errors import ConfigError
+from drivepriv.scenarios import load_scenario
+
+SUPPORTED_ALGORITHMS = ("dqn",)
+
+
+@dataclass
+class AuditReconstruction:
+    """A reconstructed minibatch, in the environment's (normalised) observation space."""
+
+    attack: str
+    states: np.ndarray  # (B, V, F)
+    actions: np.ndarray  # (B,) ints
+    action_probs: np.ndarray  # (B, A)
+    rewards: np.ndarray  # (B,)
+    next_states: np.ndarray  # (B, V, F)
+    dones: np.ndarray  # (B,)
+    grad_distance: float
+
+
+class _FlatInput(nn.Module):
+    """Feeds the flattened observation to a user's model (which sees (B, V*F))."""
+
+    def __init__(self, inner: nn.Module, n_actions: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.n_actions = n_actions
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.inner(obs.reshape(obs.shape[0], -1))
+
+
+def _scenario(scenario: str | RunConfig, settings: dict[str, Any] | None) -> RunConfig:
+    cfg = scenario if isinstance(scenario, RunConfig) else load_scenario(scenario)
+    if settings:
+        cfg = apply_overrides(cfg, [(k.split("."), v) for k, v in settings.items()], source="settings")
+    return cfg
+
+
+def make_env(scenario: str | RunConfig, seed: int = 0) -> gym.Env:
+    """The scenario's environment, reset with ``seed``: the observations the priors expect."""
+    env = _make_env(_scenario(scenario, None).env)
+    env.reset(seed=seed)
+    return env
+
+
+def decode_observations(scenario: str | RunConfig, observations: np.ndarray) -> pd.DataFrame:
+    """Observations (B, V, F) or (V, F) -> one row per transition and vehicle, world frame, SI units.
+
+    Columns: transition, vehicle (0 is the ego), present, x_m, y_m, vx_mps, vy_mps, speed_mps,
+    and heading_rad where the observation has cos_h/sin_h. Absent vehicles are left out.
+    """
+    codec = make_codec(_scenario(scenario, None).env)
+    obs = np.asarray(observations, dtype=np.float32)
+    if obs.ndim == 2:
+        obs = obs[None]
+    if obs.shape[1:] != (codec.vehicles_count, codec.n_features):
+        raise ConfigError(
+            f"observations of shape {obs.shape} do not fit the scenario's layout "
+            f"(B, {codec.vehicles_count}, {codec.n_features}): features {', '.join(codec.features)}"
+        )
+    world = codec.decode_world(obs)
+    speed = codec.speed(world)
+    rows = []
+    for b in range(world.shape[0]):
+        for v in range(world.shape[1]):
+            w = world[b, v]
+            present = bool(obs[b, v, codec.index("presence")] > 0.5)
+            if not present:
+                continue
+            row = {
+                "transition": b,
+                "vehicle": v,
+                "present": present,
+                "x_m": float(w[codec.index("x")]),
+                "y_m": float(w[codec.index("y")]),
+                "vx_mps": float(w[codec.index("vx")]),
+                "vy_mps": float(w[codec.index("vy")]),
+                "speed_mps": float(speed[b, v]),
+            }
+            if "cos_h" in codec.features and "sin_h" in codec.features:
+                row["heading_rad"] = float(np.arctan2(w[codec.index("sin_h")], w[codec.index("cos_h")]))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def invert_gradients(
+    model: nn.Module,
+    gradients: Sequence[torch.Tensor],
+    scenario: str | RunConfig = "merge",
+    algorithm: str = "dqn",
+    batch_size: int = 8,
+    target_model: nn.Module | None = None,
+    gamma: float = 0.99,
+    attack: str = "rgia",
+    seed: int = 0,
+    settings: dict[str, Any] | None = None,
+) -> AuditReconstruction:
+    """Reconstruct the minibatch behind one shared gradient.
+
+    Args:
+        model: the Q-network the server sent (any module whose first layer is ``nn.Linear``; it
+            receives the flattened observation).
+        gradients: one tensor per model parameter, in ``model.parameters()`` order.
+        scenario: a scenario name or YAML path: the environment the client drove.
+        algorithm: the loss the client used (``"dqn"``).
+        batch_size: number of transitions behind the gradient.
+        target_model: the target network (defaults to a copy of ``model``).
+        gamma: the discount the client used.
+        attack: an attack of ``drivepriv attacks``.
+        seed: the attacker's seed (its own simulator rollouts, restarts).
+        settings: configuration overrides, e.g. ``{"attack.iterations": 800}``.
+    """
+    if algorithm not in SUPPORTED_ALGORITHMS:
+        raise ConfigError(f"algorithm '{algorithm}' is not supported; supported: {', '.join(SUPPORTED_ALGORITHMS)}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size: expected an integer >= 1, got {batch_size}")
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    first = next((m for m in model.modules() if not list(m.children())), None)
+    if not linears or first is not linears[0] or linears[0].bias is None:
+        raise ConfigError("model: the first layer must be nn.Linear with a bias (an MLP on the flattened observation)")
+    params = list(model.parameters())
+    if len(gradients) != len(params):
+        raise ConfigError(f"gradients: expected {len(params)} tensors (one per model parameter), got {len(gradients)}")
+    for i, (p, g) in enumerate(zip(params, gradients)):
+        if tuple(g.shape) != tuple(p.shape):
+            raise ConfigError(f"gradients[{i}]: expected shape {tuple(p.shape)} like the parameter, got {tuple(g.shape)}")
+
+    from drivepriv.pipeline import build_priors  # the same public priors as drivepriv eval
+
+    cfg = _scenario(scenario, settings)
+    cfg = apply_overrides(cfg, [(["seed"], seed)], source="seed")
+    codec = make_codec(cfg.env)
+    if linears[0].in_features != codec.obs_dim:
+        raise ConfigError(
+            f"model: the first layer takes {linears[0].in_features} inputs, but the scenario's observation has "
+            f"{codec.obs_dim} ({codec.vehicles_count} vehicles x {codec.n_features} features)"
+        )
+    n_actions = linears[-1].out_features
+    wrapped = _FlatInput(copy.deepcopy(model), n_actions)
+    target = _FlatInput(copy.deepcopy(target_model if target_model is not None else model), n_actions)
+    priors, _, _ = build_priors(cfg, progress=False)
+    inp = AttackInput(
+        model=wrapped,
+        params={k: v.detach().clone() for k, v in wrapped.named_parameters()},
+        target_params={k: v.detach().clone() for k, v in target.named_parameters()},
+        gradient=tuple(torch.as_tensor(g).detach().float() for g in gradients),
+        loss=DQNLossSpec(gamma=gamma),
+        batch_size=batch_size,
+        obs_shape=(codec.vehicles_count, codec.n_features),
+        n_actions=n_actions,
+        priors=priors,
+    )
+    a = cfg.attack
+    rec = make_attack(attack, iterations=a.iterations, restarts=a.restarts, lr=a.lr, weights=a.weights).run(inp, seed)
+    return AuditReconstruction(
+        attack=attack,
+        states=rec.states,
+        actions=rec.actions,
+        action_probs=rec.action_probs,
+        rewards=rec.rewards,
+        next_states=rec.next_states,
+        dones=rec.dones,
+        grad_distance=rec.grad_distance,
+    )
