@@ -13,7 +13,6 @@ crashed are left out (a crash overrides the controls) and counted. Prints a mark
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,7 +92,7 @@ def errors(prior: KinematicPrior, tr: Transitions) -> dict[str, np.ndarray]:
 def _stats(x: np.ndarray) -> str:
     if len(x) == 0:
         return "- | - | -"
-    return f"{np.median(x):.4f} | {np.percentile(x, 90):.4f} | {np.max(x):.3f}"
+    return " | ".join(f"{v:.3g}" for v in (np.median(x), np.percentile(x, 90), np.max(x)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,7 +107,6 @@ def main(argv: list[str] | None = None) -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for scenario in args.scenarios:
-        t0 = time.perf_counter()
         tr, prior = collect(scenario, args.steps, args.seed)
         e = errors(prior, tr)
         idle = prior.actions.index("IDLE") if "IDLE" in prior.actions else -2
@@ -116,9 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         es = e["ego_pos_m"][settled]
         lines.append(
             f"| {scenario} | {len(tr.actions)} ({tr.n_crashed}) | {_stats(e['ego_pos_m'])} | {_stats(e['ego_speed_mps'])} "
-            f"| {np.median(es):.4f} | {np.percentile(es, 90):.4f} | {_stats(e['neigh_pos_m'])} |"
+            f"| {np.median(es):.3g} | {np.percentile(es, 90):.3g} | {_stats(e['neigh_pos_m'])} |"
         )
-        lines[-1] += f" <!-- {time.perf_counter() - t0:.1f} s -->"
     print("\n".join(lines))
 
 

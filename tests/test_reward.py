@@ -28,7 +28,7 @@ import torch
 
 from drivepriv.config import EnvConfig, RunConfig
 from drivepriv.envs.highway import make_codec, make_env
-from drivepriv.priors.reward import REWARDS, HighwayReward, MergeReward, make_reward
+from drivepriv.priors.reward import REWARDS, HighwayReward, IntersectionReward, MergeReward, RoundaboutReward, make_reward
 from drivepriv.priors.road import RoadGeometry
 from drivepriv.priors.state import state_penalty, state_penalty_terms
 
@@ -47,6 +47,8 @@ class Rollout:
     merging: list[list[tuple[np.ndarray, float, bool]]] = field(default_factory=list)
     #: Per transition: whether the ego's target lane differs from its lane (highway).
     target_lane_differs: list[bool] = field(default_factory=list)
+    #: Per transition: the ego's ``speed_index`` (MDPVehicle) and ``speed_to_index(speed)``, or None.
+    speed_index: list[tuple[int, int] | None] = field(default_factory=list)
 
     def tensors(self, n_actions: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
         next_obs = torch.tensor(np.array(self.next_obs), dtype=torch.float64)
@@ -82,6 +84,10 @@ def _rollout(env_cfg: EnvConfig, steps: int, seed: int) -> tuple[Rollout, object
         )
         ego = base.vehicle
         out.target_lane_differs.append(tuple(ego.target_lane_index) != tuple(ego.lane_index))
+        if hasattr(ego, "speed_index"):
+            out.speed_index.append((int(ego.speed_index), int(ego.speed_to_index(ego.speed))))
+        else:
+            out.speed_index.append(None)
         obs = obs2
         if terminated or truncated:
             episode += 1
@@ -245,3 +251,152 @@ def test_state_penalty_positive_on_garbage(merge_data) -> None:
     o[0, 1, y] = 0.0
     o[0, 1, p] = 1.0
     assert state_penalty_terms(o, codec, road)["overlap"] > 3.0
+
+
+# Roundabout and intersection ------------------------------------------------------------
+#
+# roundabout-v0: the only input the observation lacks is the ego's ``speed_index`` (its target
+# speed), inferred as ``speed_to_index`` of the observed speed. A transition is left out of the
+# 1e-4 check only when the simulator's own vehicle shows the two differ *and* the ego crashed
+# (``crash braking``: a crashed vehicle brakes with a = -v for the rest of the period). Any
+# other mismatch fails the test. Left-out transitions are still checked with the simulator's
+# ``info["rewards"]["high_speed_reward"]`` substituted: the rest must then match to 1e-4.
+#
+# intersection-v0: nothing is left out. The collision term alone is compared only where the ego
+# did not crash in the step it arrived (the prior counts such a crash as none; the reward itself
+# is exact there because an arrival replaces the sum by ``arrived_reward``).
+
+
+def _scenario_env(name: str) -> EnvConfig:
+    from drivepriv.cli import load_scenario
+
+    return load_scenario(name).env
+
+
+def _check_roundabout(data: Rollout, env_cfg: EnvConfig, env) -> str:
+    reward = make_reward(env_cfg, env)
+    assert isinstance(reward, RoundaboutReward)
+    next_obs, actions, done, r_env = data.tensors(int(env.action_space.n))
+    world = make_codec(env_cfg).decode_world(next_obs)
+    r_exact = reward(world, actions, done, temperature=0.0).numpy()
+    terms = reward.components(world, actions, done, temperature=0.0)
+
+    keep = np.ones(len(r_env), dtype=bool)
+    for i, (info, idx) in enumerate(zip(data.infos, data.speed_index)):
+        assert idx is not None
+        if idx[0] == idx[1]:
+            continue
+        assert info["crashed"] and done[i] == 1.0, (i, idx, info)  # only a crash may break the inference
+        keep[i] = False
+        fixed = {k: v[i : i + 1].clone() for k, v in terms.items()}
+        fixed["high_speed_reward"] = torch.tensor([float(info["rewards"]["high_speed_reward"])], dtype=torch.float64)
+        assert abs(float(reward.combine(fixed)) - r_env[i]) <= TOL, (i, info["rewards"])
+
+    err = np.abs(r_exact - r_env)
+    report = (
+        f"roundabout: compared {int(keep.sum())} of {len(r_env)} transitions, excluded {{'crash braking': {int((~keep).sum())}}} "
+        f"(of {int(done.sum())} crashes), max |error| {err[keep].max():.2e}"
+    )
+    assert err[keep].max() <= TOL, report
+    assert (~keep).sum() <= 0.03 * len(r_env), report
+    for name, values in terms.items():
+        ref = np.array([float(info["rewards"][name]) for info in data.infos])
+        assert np.abs(values.numpy() - ref)[keep].max() <= TOL, (name, report)
+    # Every speed index occurs and lane changes are exercised.
+    assert len(np.unique(terms["high_speed_reward"].numpy())) == 3, report
+    assert terms["lane_change_reward"].sum() > 0, report
+    return report
+
+
+def _check_intersection(data: Rollout, env_cfg: EnvConfig, env) -> str:
+    reward = make_reward(env_cfg, env)
+    assert isinstance(reward, IntersectionReward)
+    next_obs, actions, done, r_env = data.tensors(int(env.action_space.n))
+    world = make_codec(env_cfg).decode_world(next_obs)
+    r_exact = reward(world, actions, done, temperature=0.0).numpy()
+    terms = reward.components(world, actions, done, temperature=0.0)
+
+    err = np.abs(r_exact - r_env)
+    both = np.array([bool(info["crashed"]) and bool(info["rewards"]["arrived_reward"]) for info in data.infos])
+    report = (
+        f"intersection: compared {len(r_env)} of {len(r_env)} transitions, {int(done.sum())} terminations "
+        f"({int(terms['arrived_reward'].sum())} arrivals), max |error| {err.max():.2e}"
+    )
+    assert err.max() <= TOL, report
+    for name, values in terms.items():
+        ref = np.array([float(info["rewards"][name]) for info in data.infos])
+        mask = ~both if name == "collision_reward" else np.ones(len(ref), dtype=bool)
+        assert np.abs(values.numpy() - ref)[mask].max() <= TOL, (name, report)
+    # Arrivals and crashes are both exercised.
+    assert terms["arrived_reward"].sum() >= 1 and terms["collision_reward"].sum() >= 1, report
+    return report
+
+
+@pytest.fixture(scope="module")
+def roundabout_data():
+    env_cfg = _scenario_env("roundabout")
+    data, env = _rollout(env_cfg, steps=150, seed=0)
+    yield env_cfg, env, data
+    env.close()
+
+
+@pytest.fixture(scope="module")
+def intersection_data():
+    env_cfg = _scenario_env("intersection")
+    data, env = _rollout(env_cfg, steps=150, seed=0)
+    yield env_cfg, env, data
+    env.close()
+
+
+def test_roundabout_intersection_registry(roundabout_data, intersection_data) -> None:
+    assert {"roundabout-v0", "intersection-v0"} <= set(REWARDS.names())
+    for env_cfg, env, _ in (roundabout_data, intersection_data):
+        reward = make_reward(env_cfg, env)
+        for name, value in reward.weights.items():
+            assert value == float(env.unwrapped.config.get(name, 0)), name
+
+
+def test_roundabout_reward_matches_simulator(roundabout_data) -> None:
+    env_cfg, env, data = roundabout_data
+    _check_roundabout(data, env_cfg, env)
+
+
+def test_intersection_reward_matches_simulator(intersection_data) -> None:
+    env_cfg, env, data = intersection_data
+    _check_intersection(data, env_cfg, env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["roundabout", "intersection"])
+def test_reward_matches_simulator_1000(scenario: str) -> None:
+    """1000 random-action transitions per scenario (about 20 s for roundabout, 45 s for intersection)."""
+    env_cfg = _scenario_env(scenario)
+    data, env = _rollout(env_cfg, steps=1000, seed=1)
+    check = _check_roundabout if scenario == "roundabout" else _check_intersection
+    print(check(data, env_cfg, env))
+    env.close()
+
+
+@pytest.mark.parametrize("scenario", ["roundabout", "intersection"])
+def test_roundabout_intersection_reward_differentiable(scenario: str, roundabout_data, intersection_data) -> None:
+    env_cfg, env, data = roundabout_data if scenario == "roundabout" else intersection_data
+    codec = make_codec(env_cfg)
+    reward = make_reward(env_cfg, env)
+    next_obs, actions, done_real, _ = data.tensors(int(env.action_space.n))
+    world = codec.decode_world(next_obs[:64]).clone().requires_grad_(True)
+    n_actions = int(env.action_space.n)
+    logits = torch.zeros(64, n_actions, dtype=torch.float64, requires_grad=True)
+    done = torch.full((64,), 0.5, dtype=torch.float64, requires_grad=True)
+    r = reward(world, torch.softmax(logits, -1), done)
+    assert r.shape == (64,)
+    r.sum().backward()
+    for g in (world.grad, done.grad):
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+    if scenario == "roundabout":  # the lane-change term depends on the action (intersection's reward does not)
+        assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    assert world.grad[:, 0, codec.index("vx")].abs().sum() > 0
+    # The soft prior stays close to the exact one on real data.
+    world_all = codec.decode_world(next_obs)
+    r_soft = reward(world_all, actions, done_real).detach().numpy()
+    r_exact = reward(world_all, actions, done_real, temperature=0.0).numpy()
+    assert np.median(np.abs(r_soft - r_exact)) <= 1e-3

@@ -173,6 +173,9 @@ class KinematicPrior:
             ``DiscreteMetaAction`` builds them).
         target_speeds_mps: overrides ``env_config["action"]["target_speeds"]``.
         clip: clip the normalised output to [-1, 1] like the observation does.
+        ego_destination: the road-network node the ego's planned route leads to (highway-env
+            ``ControlledVehicle.plan_route_to``; e.g. ``"nxs"`` in roundabout-v0). At a branching
+            node the ego then continues towards it, as ``RoadNetwork.next_lane`` does with a route.
     """
 
     def __init__(
@@ -183,6 +186,7 @@ class KinematicPrior:
         actions: Sequence[str] | None = None,
         target_speeds_mps: Sequence[float] | None = None,
         clip: bool = True,
+        ego_destination: str | None = None,
     ) -> None:
         self.codec = codec
         self.road = road
@@ -207,8 +211,10 @@ class KinematicPrior:
                 actions = ("LANE_LEFT", "IDLE", "LANE_RIGHT")
         self.actions = tuple(actions)
         self._table = _lane_table(road)
-        self._next_lane = self._next_lanes()
         self._lane_index = {tuple(lane.index): k for k, lane in enumerate(road.lanes)}
+        self._next_lane = self._next_lanes()
+        self._ego_next_lane = self._next_lanes(ego_destination) if ego_destination else self._next_lane
+        self._ego_route_lane = self._route_lanes(ego_destination)
         self._side = self._side_lanes()
 
     @classmethod
@@ -219,20 +225,36 @@ class KinematicPrior:
         at = base.action_type
         names = tuple(at.actions[i] for i in sorted(at.actions)) if isinstance(getattr(at, "actions", None), dict) else None
         speeds = getattr(at, "target_speeds", None)
+        route = getattr(getattr(base, "vehicle", None), "route", None)
+        if route and "ego_destination" not in kwargs:
+            kwargs["ego_destination"] = route[-1][1]  # the scenario's (public) ego destination
         return cls(codec, road, dict(base.config), actions=names, target_speeds_mps=speeds, **kwargs)
 
     # ------------------------------------------------------------------------------------
     # Lane topology (static, numpy)
 
-    def _next_lanes(self) -> np.ndarray:
-        """(L,) index of the lane ``follow_road`` continues on (``RoadNetwork.next_lane`` without route).
+    def _next_lanes(self, destination: str | None = None) -> np.ndarray:
+        """(L,) index of the lane ``follow_road`` continues on (``RoadNetwork.next_lane``).
 
-        The lane itself where no road leaves its end node.
+        Without ``destination`` as highway-env without a route: the next road whose lane is
+        closest to the lane's end. With it, only next roads from which ``destination`` can be
+        reached by the fewest roads (a shortest-path route) are candidates. The lane itself
+        where no road leaves its end node.
         """
         lanes = self.road.lanes
         by_road: dict[tuple[str, str], list[int]] = {}
         for k, lane in enumerate(lanes):
             by_road.setdefault((lane.index[0], lane.index[1]), []).append(k)
+        hops: dict[str, int] = {}
+        if destination is not None:  # breadth-first search backwards from the destination
+            hops[destination] = 0
+            frontier = [destination]
+            while frontier:
+                node = frontier.pop(0)
+                for f, t in by_road:
+                    if t == node and f not in hops:
+                        hops[f] = hops[node] + 1
+                        frontier.append(f)
         nxt = np.arange(len(lanes))
         for k, lane in enumerate(lanes):
             _from, _to, _id = lane.index
@@ -240,8 +262,10 @@ class KinematicPrior:
             with torch.no_grad():
                 dist = self.road.lane_distances(end)[0].numpy()
             best, best_d = None, np.inf
+            on_route = [t for (f, t) in by_road if f == _to and t in hops]
+            min_hops = min((hops[t] for t in on_route), default=None)
             for (f, t), ks in by_road.items():
-                if f != _to:
+                if f != _to or (min_hops is not None and hops.get(t) != min_hops):
                     continue
                 ks_sorted = sorted(ks, key=lambda j: lanes[j].index[2])
                 if len(ks_sorted) == len(by_road[(_from, _to)]):
@@ -253,6 +277,29 @@ class KinematicPrior:
             if best is not None:
                 nxt[k] = best
         return nxt
+
+    def _route_lanes(self, destination: str | None) -> np.ndarray:
+        """(L,) for each lane, the lane of a sibling road (same start node) on the route to ``destination``.
+
+        Where roads branch (a roundabout exit and the ring) their lanes overlap at the start, so
+        the closest lane may be off the ego's route; its target lane is then the route's road
+        (same lane id if it has it, else its last lane). Identity without a destination.
+        """
+        lanes = self.road.lanes
+        out = np.arange(len(lanes))
+        if destination is None:
+            return out
+        nxt = self._next_lanes(destination)
+        for k, lane in enumerate(lanes):
+            # the road the route takes from this lane's start node: where its predecessors lead
+            preds = [j for j, ln in enumerate(lanes) if ln.index[1] == lane.index[0]]
+            routed = {lanes[nxt[j]].index[:2] for j in preds if nxt[j] != j}
+            if len(routed) == 1 and lane.index[:2] not in routed:
+                road = routed.pop()
+                ids = sorted(ln.index[2] for ln in lanes if ln.index[:2] == road)
+                _id = lane.index[2] if lane.index[2] in ids else ids[-1]
+                out[k] = self._lane_index[(*road, _id)]
+        return out
 
     def _side_lanes(self) -> np.ndarray:
         """(L, 2) lane index for LANE_LEFT (id - 1) and LANE_RIGHT (id + 1), clipped to the road's lanes."""
@@ -325,10 +372,10 @@ class KinematicPrior:
     # Dynamics
 
     def _integrate(
-        self, xy: Tensor, heading: Tensor, speed: Tensor, target_speed: Tensor, lane: Tensor
+        self, xy: Tensor, heading: Tensor, speed: Tensor, target_speed: Tensor, lane: Tensor, ego: bool = False
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``n_substeps`` of ``ControlledVehicle.act()`` + ``Vehicle.step(dt)`` for N vehicles (float64)."""
-        nxt = torch.as_tensor(self._next_lane)
+        nxt = torch.as_tensor(self._ego_next_lane if ego else self._next_lane)
         dt = self.dt_s
         half_l = VEHICLE_LENGTH_M / 2.0
         for _ in range(self.n_substeps):
@@ -373,6 +420,11 @@ class KinematicPrior:
         ts = torch.as_tensor(self.target_speeds_mps, dtype=speed.dtype)
         idx = self._speed_to_index(speed)  # assumption: current target = closest target speed
         lane = self._closest_lane(xy, heading)  # assumption: current target lane = closest lane
+        lane = torch.as_tensor(self._ego_route_lane)[lane]  # ... on the ego's route
+        with torch.no_grad():  # ControlledVehicle.follow_road, run before the meta action
+            s_now, _ = self._lane_frame(xy.detach(), lane)
+            ahead = torch.as_tensor(self._ego_next_lane)[lane]
+            lane = torch.where(s_now > self._length(lane) - VEHICLE_LENGTH_M / 2.0, ahead, lane)
         side = torch.as_tensor(self._side)
         speeds, lanes = [], []
         for name in self.actions:
@@ -413,6 +465,7 @@ class KinematicPrior:
             speed[:, 0, None].expand(B, A).reshape(-1),
             tgt_speed.reshape(-1),
             tgt_lane.reshape(-1),
+            ego=True,
         )
         ego_rows = self._rows(e_xy, e_h, e_v, world.new_ones(B * A), has_h).reshape(B, A, -1)
         ego = (action_probs[..., None] * ego_rows).sum(1)  # (B, F)
