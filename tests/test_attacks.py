@@ -39,7 +39,7 @@ def setup_case(batch_size: int, seed: int = 0):
 
 
 def test_catalogue_lists_attacks():
-    assert {"analytic", "dlg", "ig", "rgia"} <= set(ATTACKS.names())
+    assert {"analytic", "dlg", "ig", "rgia", "rgia-k"} <= set(ATTACKS.names())
     for name in ATTACKS:
         assert ATTACKS.get(name).__doc__ and ATTACKS.get(name).summary
 
@@ -53,7 +53,7 @@ def test_analytic_recovers_batch_of_one():
     assert m["action_acc"] == 1.0
 
 
-@pytest.mark.parametrize("name", ["dlg", "ig", "rgia"])
+@pytest.mark.parametrize("name", ["dlg", "ig", "rgia", "rgia-k"])
 def test_engine_attacks_run_and_shapes(name):
     inp, truth, codec = setup_case(4)
     rec = make_attack(name, iterations=20, restarts=3, lr=0.05).run(inp, seed=0)
@@ -67,3 +67,21 @@ def test_attack_is_deterministic():
     a = make_attack("rgia", iterations=15, restarts=2).run(inp, seed=3)
     b = make_attack("rgia", iterations=15, restarts=2).run(inp, seed=3)
     assert np.array_equal(a.states, b.states) and np.array_equal(a.next_states, b.next_states)
+
+
+def test_rgia_k_recovers_batch_of_one_exactly():
+    inp, truth, codec = setup_case(1, seed=1)
+    rec = make_attack("rgia-k", iterations=50, restarts=2).run(inp, seed=0)
+    m, _ = score(truth, rec.states, rec.actions, rec.rewards, rec.next_states, codec)
+    assert m["ego_pos_err_m"] < 1e-2 and m["neighbour_pos_err_m"] < 1e-2, m
+
+
+def test_true_states_lie_in_the_first_layer_subspace():
+    from drivepriv.attacks.engine import first_layer_subspace
+
+    for b in (2, 4, 8):
+        inp, truth, _ = setup_case(b, seed=2)
+        space = first_layer_subspace(inp)
+        assert space.dim == b - 1
+        x = torch.as_tensor(truth.states).reshape(b, -1)
+        assert (space.to_states(space.from_states(x)) - x).abs().max() < 1e-4

@@ -174,5 +174,21 @@ class RGIAAttack(_EngineAttack):
         )
 
 
+@ATTACKS.register("rgia-k")
+class RGIAKAttack(RGIAAttack):
+    """drivepriv's attack: RGIA (He, 2025) with the states confined to the subspace that the
+    first linear layer's gradient reveals (exact for a batch of one; cf. the analytic recovery
+    of Phong et al., 2017), feasibility priors on the road geometry, and the transition and
+    reward priors of the scenario."""
+
+    name = "rgia-k"
+    summary = "drivepriv: RGIA with states confined to the first-layer gradient's subspace, road and kinematic priors"
+
+    def engine_settings(self, inp: AttackInput) -> EngineSettings:
+        settings = super().engine_settings(inp)
+        settings.subspace = True
+        return settings
+
+
 def make_attack(name: str, **settings: object) -> Attack:
     return ATTACKS.get(name)(**settings)

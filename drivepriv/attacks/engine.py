@@ -41,6 +41,44 @@ class EngineSettings:
     init: str = "normal"  # "normal" (N(0,1), as DLG) or "prior" (attacker's own rollouts)
     box: bool = False  # project states into the observation box [-1, 1] after each step
     fixed_actions: np.ndarray | None = None  # (B,) actions recovered beforehand (iDLG)
+    #: Confine states to the affine subspace that the first linear layer's gradient reveals
+    #: (see :class:`StateSubspace`); the optimisation then moves only within it.
+    subspace: bool = False
+
+
+class StateSubspace:
+    """The inputs of a first linear layer lie in the row space of its gradient.
+
+    With ``z_i = W x_i + b``, ``[dL/dW | dL/db] = sum_i delta_i [x_i, 1]`` (delta_i = dL/dz_i), so
+    every ``[x_i, 1]`` lies in the span U of that (h x (d+1)) matrix's rows, of dimension at most
+    the batch size. Parametrise ``x = p + z N`` with ``[p, 1]`` in U and the rows of N spanning
+    the directions of U with a zero last coordinate: B-1 free coordinates per state instead of
+    d, and none at all for a batch of one (then ``x = p`` exactly).
+    """
+
+    def __init__(self, g_weight: Tensor, g_bias: Tensor, max_rank: int, rel_tol: float = 1e-5) -> None:
+        m = torch.cat([g_weight.double(), g_bias.double()[:, None]], dim=1)  # (h, d+1)
+        _, sv, vh = torch.linalg.svd(m, full_matrices=False)
+        rank = int(min(max_rank, int((sv > rel_tol * sv[0]).sum())))
+        u = vh[:rank]  # (k, d+1), orthonormal rows
+        last = u[:, -1]
+        c0 = last / (last @ last)
+        self.p = (c0 @ u)[:-1].float()  # (d,)
+        # directions within U with zero last coordinate: orthonormal complement of `last` in R^k
+        q, _ = torch.linalg.qr(torch.cat([last[:, None], torch.eye(rank, dtype=last.dtype)], dim=1))
+        null = q[:, 1:rank].T  # (k-1, k)
+        self.n = (null @ u)[:, :-1].float()  # (k-1, d)
+        self.dim = rank - 1
+
+    def to_states(self, z: Tensor) -> Tensor:
+        return self.p + z @ self.n
+
+    def from_states(self, x: Tensor) -> Tensor:
+        """Least-squares coordinates of ``x`` (projection onto the subspace)."""
+        if self.dim == 0:
+            return x.new_zeros(*x.shape[:-1], 0)
+        sol = torch.linalg.lstsq(self.n.T, (x - self.p).reshape(-1, x.shape[-1]).T).solution.T
+        return sol.reshape(*x.shape[:-1], self.dim)
 
 
 @dataclass
@@ -55,9 +93,17 @@ class _Vars:
         return [self.states, self.action_logits, self.rewards, self.next_states, self.done_logits]
 
 
-def _decode(v: _Vars, fixed_actions: Tensor | None) -> Batch:
+def _decode(v: _Vars, fixed_actions: Tensor | None, space: StateSubspace | None, obs_shape: tuple[int, int]) -> Batch:
     actions = fixed_actions.expand_as(v.action_logits) if fixed_actions is not None else torch.softmax(v.action_logits, -1)
-    return Batch(v.states, actions, v.rewards, v.next_states, torch.sigmoid(v.done_logits))
+    states = v.states if space is None else space.to_states(v.states).reshape(*v.states.shape[:2], *obs_shape)
+    return Batch(states, actions, v.rewards, v.next_states, torch.sigmoid(v.done_logits))
+
+
+def first_layer_subspace(inp: AttackInput) -> StateSubspace:
+    """The state subspace revealed by the gradient of the model's first ``nn.Linear``."""
+    first = next(name for name, m in inp.model.named_modules() if isinstance(m, torch.nn.Linear))
+    g = dict(zip(inp.params, inp.gradient))
+    return StateSubspace(g[f"{first}.weight"], g[f"{first}.bias"], inp.batch_size)
 
 
 def _init_vars(inp: AttackInput, s: EngineSettings, gen: torch.Generator) -> _Vars:
@@ -86,6 +132,9 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str)
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(derive_seed(seed, "attack", name, "init"))
     v = _init_vars(inp, settings, gen)
+    space = first_layer_subspace(inp) if settings.subspace else None
+    if space is not None:
+        v.states = space.from_states(v.states.reshape(*v.states.shape[:2], -1)).float()
     for t in v.tensors():
         t.requires_grad_(True)
     fixed = None
@@ -106,7 +155,7 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str)
     regs = {k: REGULARIZERS.get(k) for k in active}
 
     def objective() -> tuple[Tensor, Tensor]:
-        b = _decode(v, fixed)
+        b = _decode(v, fixed, space, inp.obs_shape)
         g = batched_gradient(b.states, b.actions, b.rewards, b.next_states, b.dones)
         dist = gradient_distance(g, target_grad, settings.distance)
         total = dist
@@ -130,7 +179,7 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str)
         for _ in range(max(1, settings.iterations // 20)):
             opt.step(closure)
             if settings.box:
-                _project(v)
+                _project(v, project_states=space is None)
     else:
         opt = torch.optim.Adam(v.tensors(), lr=settings.lr)
         # Cosine decay to 1/1000 of the step size: coarse search first, then metre-level precision
@@ -143,13 +192,13 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str)
             opt.step()
             sched.step()
             if settings.box:
-                _project(v)
+                _project(v, project_states=space is None)
 
     with torch.no_grad():
         total, dist = objective()
         total = torch.where(torch.isfinite(total), total, torch.full_like(total, float("inf")))
         best = int(total.argmin())
-        b = _decode(v, fixed)
+        b = _decode(v, fixed, space, inp.obs_shape)
     return Reconstruction(
         attack=name,
         states=b.states[best].detach().numpy().copy(),
@@ -165,6 +214,7 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str)
 
 
 @torch.no_grad()
-def _project(v: _Vars) -> None:
-    v.states.clamp_(-1.0, 1.0)
+def _project(v: _Vars, project_states: bool = True) -> None:
+    if project_states:
+        v.states.clamp_(-1.0, 1.0)
     v.next_states.clamp_(-1.0, 1.0)
