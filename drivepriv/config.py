@@ -168,9 +168,10 @@ class AttackConfig:
     iterations: int = 400
     restarts: int = 4
     lr: float = 0.05
-    #: RGIA regularizer weights (0 switches a term off). Measured on merge (eval/seeds.py):
-    #: dynamics 0.1 beats 1.0 (the learned model's own error then dominates gradient matching).
-    weights: dict[str, float] = field(default_factory=lambda: {"state": 1.0, "reward": 1.0, "dynamics": 0.1})
+    #: Regularizer weights (0 switches a term off). rgia uses state, reward and the learned
+    #: dynamics; rgia-k uses physics in place of dynamics where the scenario has it. Measured on
+    #: merge: dynamics 0.1 beats 1.0 (the learned model's own error then dominates gradient matching).
+    weights: dict[str, float] = field(default_factory=lambda: {"state": 1.0, "reward": 1.0, "dynamics": 0.1, "physics": 1.0})
     dynamics: DynamicsPriorConfig = field(default_factory=DynamicsPriorConfig)
 
     def validate(self, where: str) -> None:
@@ -185,10 +186,10 @@ class AttackConfig:
         if not self.rounds:
             raise ConfigError(f"{where}.rounds: expected at least one round to attack")
         for name, w in self.weights.items():
-            if name not in ("state", "reward", "dynamics"):
+            known = ("state", "reward", "dynamics", "physics")
+            if name not in known:
                 raise ConfigError(
-                    f"{where}.weights: unknown regularizer '{name}'.{did_you_mean(name, ('state', 'reward', 'dynamics'))} "
-                    "Known: state, reward, dynamics."
+                    f"{where}.weights: unknown regularizer '{name}'.{did_you_mean(name, known)} Known: {', '.join(known)}."
                 )
             if w < 0:
                 raise ConfigError(f"{where}.weights.{name}: expected a weight >= 0, got {w}")

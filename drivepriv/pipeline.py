@@ -27,6 +27,7 @@ from drivepriv.federation.inprocess import GroundTruth, ServerView, resolve_atta
 from drivepriv.metrics.dynamics import SimulatorStepper
 from drivepriv.metrics.scores import METRIC_HELP, Truth, score
 from drivepriv.priors.dynamics import collect_rollouts, fit_dynamics
+from drivepriv.priors.physics import KinematicPrior
 from drivepriv.priors.reward import make_reward
 from drivepriv.priors.road import RoadGeometry
 from drivepriv.priors.state import state_penalty
@@ -93,6 +94,7 @@ def build_priors(cfg: RunConfig, progress: bool) -> tuple[Priors, dict[str, floa
     env.reset(seed=derive_seed(cfg.seed, "attacker", "road"))
     road = RoadGeometry.from_env(env)
     reward = make_reward(cfg.env, env)
+    physics = physics_prior(env, codec, road)
     log.info("attacker: driving the public simulator for %d steps to fit its transition prior", cfg.attack.dynamics.rollout_steps)
     rollouts = collect_rollouts(cfg.env, cfg.attack.dynamics.rollout_steps, cfg.seed)
     n_actions = int(env.action_space.n)
@@ -103,10 +105,20 @@ def build_priors(cfg: RunConfig, progress: bool) -> tuple[Priors, dict[str, floa
         road=road,
         reward=reward,
         dynamics=dynamics,
+        physics=physics,
         state_penalty=lambda obs: state_penalty(obs, codec, road),
         prior_states=rollouts.states,
     )
     return priors, stats, road
+
+
+def physics_prior(env, codec, road):
+    """The closed-form kinematic prior's ``predict``, or None where it does not apply."""
+    try:
+        return KinematicPrior.from_env(env, codec, road).predict
+    except (ValueError, NotImplementedError) as e:
+        log.info("no physics prior for %s: %s", env.spec.id if env.spec else env, e)
+        return None
 
 
 def attack_input(model: torch.nn.Module, view: ServerView, priors: Priors, obs_shape: tuple[int, int], n_actions: int) -> AttackInput:

@@ -39,7 +39,7 @@ def setup_case(batch_size: int, seed: int = 0):
 
 
 def test_catalogue_lists_attacks():
-    assert {"analytic", "dlg", "ig", "rgia", "rgia-k"} <= set(ATTACKS.names())
+    assert {"analytic", "dlg", "idlg", "ig", "rgia", "rgia-k"} <= set(ATTACKS.names())
     for name in ATTACKS:
         assert ATTACKS.get(name).__doc__ and ATTACKS.get(name).summary
 
@@ -53,7 +53,7 @@ def test_analytic_recovers_batch_of_one():
     assert m["action_acc"] == 1.0
 
 
-@pytest.mark.parametrize("name", ["dlg", "ig", "rgia", "rgia-k"])
+@pytest.mark.parametrize("name", ["dlg", "idlg", "ig", "rgia", "rgia-k"])
 def test_engine_attacks_run_and_shapes(name):
     inp, truth, codec = setup_case(4)
     rec = make_attack(name, iterations=20, restarts=3, lr=0.05).run(inp, seed=0)
@@ -85,3 +85,10 @@ def test_true_states_lie_in_the_first_layer_subspace():
         assert space.dim == b - 1
         x = torch.as_tensor(truth.states).reshape(b, -1)
         assert (space.to_states(space.from_states(x)) - x).abs().max() < 1e-4
+
+
+def test_idlg_reads_the_action_of_a_batch_of_one():
+    for seed in range(3):
+        inp, truth, _ = setup_case(1, seed=seed)
+        rec = make_attack("idlg", iterations=20, restarts=1).run(inp, seed=0)
+        assert rec.actions[0] == truth.actions[0]

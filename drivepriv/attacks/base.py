@@ -27,7 +27,7 @@ class RewardPrior(Protocol):
 class Priors:
     """Public knowledge of the task: observation codec, road, reward function, transition model.
 
-    ``reward``, ``dynamics`` and ``state_penalty`` may be None where a scenario has none; the
+    ``reward``, ``dynamics``, ``physics`` and ``state_penalty`` may be None where a scenario has none; the
     regularizer is then switched off. ``prior_states`` are observations from the attacker's own
     rollouts of the public simulator (used to initialise the optimisation).
     """
@@ -36,6 +36,8 @@ class Priors:
     road: object | None = None
     reward: RewardPrior | None = None
     dynamics: nn.Module | None = None
+    #: Closed-form kinematics of the simulator, ``(s, action_probs) -> s'`` (normalised), if known.
+    physics: Callable[[Tensor, Tensor], Tensor] | None = None
     state_penalty: Callable[[Tensor], Tensor] | None = None
     prior_states: np.ndarray | None = None
 

@@ -145,6 +145,28 @@ class DLGAttack(_EngineAttack):
         return EngineSettings(**c, optimizer="lbfgs", distance="l2", init="normal")
 
 
+@ATTACKS.register("idlg")
+class IDLGAttack(_EngineAttack):
+    """Improved DLG (Zhao, Mopuri and Bilen, 2020, "iDLG: Improved Deep Leakage from
+    Gradients"): DLG with the label (here: the action) read off the last layer's bias gradient
+    first. For DQN the output-bias gradient of a batch of one is non-zero only at the action
+    taken, so the action is exact; for larger batches it says which actions occur but not for
+    which transition, and the actions stay free. Baseline."""
+
+    name = "idlg"
+    summary = "iDLG: DLG with the action recovered from the last layer's gradient first (baseline)"
+
+    def engine_settings(self, inp: AttackInput) -> EngineSettings:
+        c = self._common()
+        c.pop("lr", None)
+        fixed = None
+        if inp.batch_size == 1:
+            last = _linear_layers(inp.model)[-1]
+            g_bias = dict(zip(inp.params, inp.gradient))[f"{last}.bias"]
+            fixed = np.array([int(g_bias.abs().argmax())])
+        return EngineSettings(**c, optimizer="lbfgs", distance="l2", init="normal", fixed_actions=fixed)
+
+
 @ATTACKS.register("ig")
 class InvertingGradientsAttack(_EngineAttack):
     """Inverting Gradients (Geiping et al., NeurIPS 2020): cosine gradient distance, Adam,
@@ -167,8 +189,15 @@ class RGIAAttack(_EngineAttack):
     name = "rgia"
     summary = "RGIA: gradient matching + state, reward and learned-dynamics regularizers"
 
+    #: The regularizers this attack uses (the paper's three).
+    terms: tuple[str, ...] = ("state", "reward", "dynamics")
+
+    def weights(self, inp: AttackInput) -> dict[str, float]:
+        given = dict(self.settings.get("weights") or {"state": 1.0, "reward": 1.0, "dynamics": 0.1, "physics": 1.0})
+        return {k: w for k, w in given.items() if k in self.terms}
+
     def engine_settings(self, inp: AttackInput) -> EngineSettings:
-        weights = dict(self.settings.get("weights", {"state": 1.0, "reward": 1.0, "dynamics": 0.1}))
+        weights = self.weights(inp)
         return EngineSettings(
             **self._common(), optimizer="adam", distance="rel_l2", init="prior", box=True, weights=weights
         )
@@ -183,6 +212,11 @@ class RGIAKAttack(RGIAAttack):
 
     name = "rgia-k"
     summary = "drivepriv: RGIA with states confined to the first-layer gradient's subspace, road and kinematic priors"
+
+    def weights(self, inp: AttackInput) -> dict[str, float]:
+        given = dict(self.settings.get("weights") or {"state": 1.0, "reward": 1.0, "dynamics": 0.1, "physics": 1.0})
+        keep = ("state", "reward", "physics") if inp.priors.physics is not None else ("state", "reward", "dynamics")
+        return {k: w for k, w in given.items() if k in keep}
 
     def engine_settings(self, inp: AttackInput) -> EngineSettings:
         settings = super().engine_settings(inp)

@@ -47,16 +47,13 @@ def reward_regularizer(b: Batch, priors: Priors) -> Tensor:
 _DYN_FEATURES = {"x": 1.0, "y": 1.0, "vx": 1.0, "vy": 1.0, "cos_h": 10.0, "sin_h": 10.0}
 
 
-@REGULARIZERS.register("dynamics")
-def dynamics_regularizer(b: Batch, priors: Priors) -> Tensor:
-    """Squared distance (m, m/s) between s' and the transition prior's prediction f(s, a)."""
-    if priors.dynamics is None:
-        return torch.zeros(b.states.shape[0])
+def _transition_penalty(model, b: Batch, priors: Priors) -> Tensor:
+    """Squared distance (m, m/s; headings x10) between s' and a transition model's f(s, a)."""
     s, lead = _flat(b.states, 2)
     s2, _ = _flat(b.next_states, 2)
     a, _ = _flat(b.actions, 1)
     codec = priors.codec
-    pred_norm = priors.dynamics(s, a)
+    pred_norm = model(s, a)
     pred = codec.to_physical(pred_norm)
     phys = codec.to_physical(s2)
     idx = [codec.index(f) for f in _DYN_FEATURES if f in codec.features]
@@ -66,3 +63,19 @@ def dynamics_regularizer(b: Batch, priors: Priors) -> Tensor:
     presence_err = (s2[..., pres] - pred_norm[..., pres]) ** 2
     per = diff.sum(-1).mean(-1) + presence_err.mean(-1)
     return per.reshape(lead).mean(-1)
+
+
+@REGULARIZERS.register("dynamics")
+def dynamics_regularizer(b: Batch, priors: Priors) -> Tensor:
+    """s' consistent with the transition model learned from the attacker's own rollouts."""
+    if priors.dynamics is None:
+        return torch.zeros(b.states.shape[0])
+    return _transition_penalty(priors.dynamics, b, priors)
+
+
+@REGULARIZERS.register("physics")
+def physics_regularizer(b: Batch, priors: Priors) -> Tensor:
+    """s' consistent with the simulator's closed-form vehicle kinematics (drivepriv's addition)."""
+    if priors.physics is None:
+        return torch.zeros(b.states.shape[0])
+    return _transition_penalty(priors.physics, b, priors)
