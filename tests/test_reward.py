@@ -155,6 +155,7 @@ def test_merge_reward_matches_simulator(merge_data) -> None:
     n = int(keep.sum())
     err = np.abs(r_exact - r_env)
     report = f"compared {n} of {len(r_env)} transitions, excluded {excluded}, max |error| {err[keep].max():.2e}"
+    print(f"merge: {report}")
     assert n >= 300, report
     assert sum(excluded.values()) <= 0.05 * len(r_env), report
     assert err[keep].max() <= TOL, report
@@ -203,6 +204,7 @@ def test_highway_fast_reward_matches_simulator() -> None:
     err = np.abs(reward(world, actions, done, temperature=0.0).numpy() - r_env)
     keep = ~np.array(data.target_lane_differs)
     report = f"compared {int(keep.sum())} of {len(r_env)}, max |error| {err[keep].max():.2e}"
+    print(f"highway-fast: {report}")
     assert keep.sum() >= 0.9 * len(r_env), report
     assert err[keep].max() <= TOL, report
     env.close()
