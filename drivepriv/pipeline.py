@@ -22,7 +22,6 @@ from drivepriv.attacks import AttackInput, Priors, Reconstruction, make_attack
 from drivepriv.config import RunConfig, dump_yaml
 from drivepriv.envs import make_codec, make_env
 from drivepriv.envs.highway import action_names
-from drivepriv.errors import ConfigError
 from drivepriv.federation.inprocess import GroundTruth, ServerView, resolve_attacked, run_federation
 from drivepriv.metrics.dynamics import SimulatorStepper
 from drivepriv.metrics.scores import METRIC_HELP, Truth, score
@@ -66,11 +65,6 @@ class RunResult:
 
 def check_supported(cfg: RunConfig) -> None:
     """Fail before any work starts on combinations this version cannot attack."""
-    if cfg.federation.strategy == "fedavg" and cfg.federation.local_steps > 1:
-        raise ConfigError(
-            "federation: attacks on FedAvg deltas of several local steps are not supported yet; "
-            "use --set federation.local_steps=1 or --set federation.strategy=fedsgd"
-        )
     for name in cfg.attack.attacks:
         make_attack(name)  # unknown names fail here with a did-you-mean
     make_env(cfg.env).close()  # unknown environment ids and highway-env keys fail here
@@ -133,12 +127,16 @@ def attack_input(model: torch.nn.Module, view: ServerView, priors: Priors, obs_s
         obs_shape=obs_shape,
         n_actions=n_actions,
         priors=priors,
+        local_steps=view.local_steps if view.strategy == "fedavg" else 1,
+        local_lr=view.lr,
+        delta=view.payload if view.strategy == "fedavg" else None,
     )
 
 
 def _truth(gt: GroundTruth) -> Truth:
-    b = gt.batches[0]
-    return Truth(b["states"], b["actions"].argmax(-1), b["rewards"], b["next_states"], b["dones"])
+    """All transitions behind the update (the K local minibatches of FedAvg, concatenated)."""
+    cat = {k: np.concatenate([b[k] for b in gt.batches]) for k in gt.batches[0]}
+    return Truth(cat["states"], cat["actions"].argmax(-1), cat["rewards"], cat["next_states"], cat["dones"])
 
 
 def run_eval(cfg: RunConfig, command: str = "", progress: bool = True) -> RunResult:
@@ -184,7 +182,7 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True) -> RunRes
             m["dyn_residual_m"] = float(np.median(residual))
             m["dyn_residual_truth_m"] = float(np.median(truth_residual))
             m["grad_distance"] = rec.grad_distance
-            rows.append({"attack": name, "client": view.client, "round": view.round, "seed": cfg.seed, "batch_size": view.batch_size, **m})
+            rows.append({"attack": name, "client": view.client, "round": view.round, "seed": cfg.seed, "batch_size": view.batch_size, "local_steps": inp.local_steps, **m})
             timings.append({"attack": name, "client": view.client, "round": view.round, "seed": cfg.seed, "time_s": rec.time_s})
             recs[name] = (rec, perm)
             bar.update(1)
@@ -192,7 +190,7 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True) -> RunRes
     bar.close()
     stepper.env.close()
 
-    metrics = pd.DataFrame(rows, columns=["attack", "client", "round", "seed", "batch_size", *METRIC_COLUMNS])
+    metrics = pd.DataFrame(rows, columns=["attack", "client", "round", "seed", "batch_size", "local_steps", *METRIC_COLUMNS])
     metrics.to_csv(work / "metrics.csv", index=False, float_format="%.6g")
     pd.DataFrame(timings).to_csv(work / "timings.csv", index=False, float_format="%.4g")
     (work / "attacker.json").write_text(json.dumps({"dynamics_prior": dyn_stats}, indent=2))

@@ -92,3 +92,53 @@ def test_idlg_reads_the_action_of_a_batch_of_one():
         inp, truth, _ = setup_case(1, seed=seed)
         rec = make_attack("idlg", iterations=20, restarts=1).run(inp, seed=0)
         assert rec.actions[0] == truth.actions[0]
+
+
+def fedavg_case(local_steps: int, batch_size: int, lr: float = 0.05, seed: int = 0):
+    """A FedAvg client's delta after K local SGD steps, computed here, outside the engine."""
+    inp, truth, codec = setup_case(local_steps * batch_size, seed=seed)
+    spec, model = inp.loss, inp.model
+    p0 = {k: v.detach() for k, v in inp.params.items()}
+    p = dict(p0)
+    b = Batch(*(torch.as_tensor(x) for x in (truth.states, np.eye(5, dtype=np.float32)[truth.actions], truth.rewards, truth.next_states, truth.dones)))
+    for k in range(local_steps):
+        sl = slice(k * batch_size, (k + 1) * batch_size)
+        g = spec.gradient(model, p, p0, Batch(b.states[sl], b.actions[sl], b.rewards[sl], b.next_states[sl], b.dones[sl]))
+        p = {n: (p[n] - lr * gi).detach() for (n, gi) in zip(p, g)}
+    delta = tuple(p[n] - p0[n] for n in p0)
+    inp.batch_size, inp.local_steps, inp.local_lr, inp.delta = batch_size, local_steps, lr, delta
+    inp.gradient = tuple(-d / lr for d in delta)
+    return inp, truth, codec
+
+
+def test_fedavg_unrolled_update_equals_the_clients_delta():
+    """The engine's simulated K-step update, at the true batches, is the client's delta."""
+    from drivepriv.attacks.base import gradient_distance
+    from drivepriv.attacks.engine import simulate_update
+
+    inp, truth, _ = fedavg_case(local_steps=3, batch_size=2)
+    acts = np.eye(5, dtype=np.float32)[truth.actions]
+    batch = Batch(*(torch.as_tensor(x) for x in (truth.states, acts, truth.rewards, truth.next_states, truth.dones)))
+    sim = simulate_update(inp, batch)
+    assert float(gradient_distance(sim, inp.delta, "rel_l2")) < 1e-8
+    other = Batch(batch.states.flip(0), batch.actions, batch.rewards, batch.next_states, batch.dones)
+    assert float(gradient_distance(simulate_update(inp, other), inp.delta, "rel_l2")) > 1e-4  # order of steps matters
+
+
+@pytest.mark.parametrize("name", ["rgia", "rgia-k", "analytic"])
+def test_fedavg_attacks_return_all_transitions(name):
+    inp, truth, codec = fedavg_case(local_steps=3, batch_size=2)
+    rec = make_attack(name, iterations=40, restarts=2).run(inp, seed=0)
+    assert rec.states.shape == (6, 5, 7) and rec.rewards.shape == (6,)
+    m, _ = score(truth, rec.states, rec.actions, rec.rewards, rec.next_states, codec)
+    assert np.isfinite(m["ego_pos_err_m"])
+
+
+def test_fedavg_subspace_holds_for_several_local_steps():
+    from drivepriv.attacks.engine import first_layer_subspace
+
+    inp, truth, _ = fedavg_case(local_steps=3, batch_size=2, seed=4)
+    space = first_layer_subspace(inp)
+    x = torch.as_tensor(truth.states).reshape(6, -1)
+    assert space.dim == 5
+    assert (space.to_states(space.from_states(x)) - x).abs().max() < 1e-4

@@ -90,7 +90,7 @@ def test_interrupted_run_does_not_look_complete(tmp_path):
 
 @pytest.mark.parametrize(
     "scenario, extra",
-    [("highway", ["--set", "federation.strategy=fedavg"]), ("roundabout", []), ("intersection", [])],
+    [("highway", ["--set", "federation.strategy=fedavg", "--set", "federation.local_steps=2"]), ("roundabout", []), ("intersection", [])],
 )
 def test_other_scenarios_quick(tmp_path, scenario, extra):
     r = run("eval", "--scenario", scenario, "--quick", "--out", str(tmp_path), "--no-progress", "--set", "report.videos=0", *extra, cwd=tmp_path)
@@ -98,3 +98,5 @@ def test_other_scenarios_quick(tmp_path, scenario, extra):
     run_dir = next((tmp_path / scenario).iterdir())
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert set(metrics["attack"]) == {"rgia", "dlg"} and metrics["ego_pos_err_m"].notna().all()
+    if "federation.local_steps=2" in extra:
+        assert (metrics["local_steps"] == 2).all()

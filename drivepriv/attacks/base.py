@@ -49,12 +49,23 @@ class AttackInput:
     model: nn.Module  # the architecture the server distributed (parameters are passed apart)
     params: dict[str, Tensor]
     target_params: dict[str, Tensor]
-    gradient: tuple[Tensor, ...]  # FedSGD gradient, in params order
+    #: FedSGD: the gradient. FedAvg: -delta / lr, the sum of the K local gradients (exact for K=1).
+    gradient: tuple[Tensor, ...]
     loss: DQNLossSpec
-    batch_size: int
+    batch_size: int  # transitions per local step
     obs_shape: tuple[int, int]
     n_actions: int
     priors: Priors
+    #: FedAvg with K > 1 local SGD steps: the observed parameter delta and the local step size;
+    #: the engine then unrolls the K steps on K dummy minibatches.
+    local_steps: int = 1
+    local_lr: float = 0.0
+    delta: tuple[Tensor, ...] | None = None
+
+    @property
+    def n_transitions(self) -> int:
+        """How many transitions are behind the update (K x B)."""
+        return self.batch_size * self.local_steps
 
 
 @dataclass

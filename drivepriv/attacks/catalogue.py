@@ -39,7 +39,10 @@ class AnalyticAttack(Attack):
         names = list(inp.params)
         g = dict(zip(names, inp.gradient))
         gw, gb = g[f"{first}.weight"].double(), g[f"{first}.bias"].double()
-        B, (V, F) = inp.batch_size, inp.obs_shape
+        # Under FedAvg with K > 1 local steps, -delta/lr sums gradients taken at K slightly
+        # different parameters: inputs stay exact where one sample drives a unit, the rest is
+        # an approximation.
+        B, (V, F) = inp.n_transitions, inp.obs_shape
         states = _recover_inputs(gw, gb, B, inp.priors.prior_states, seed).reshape(B, V, F)
         x = torch.as_tensor(states, dtype=torch.float32)
 
@@ -55,7 +58,7 @@ class AnalyticAttack(Attack):
         rhs = torch.cat([gwl, gbl[:, None]], dim=1)  # (A, H+1)
         coef = torch.linalg.lstsq(design.T, rhs.T).solution  # (B, A): dL/dQ_ik
         actions = coef.abs().argmax(-1)
-        td = (B * coef[torch.arange(B), actions]).clamp(-1.0, 1.0).float()  # huber'(q - y)
+        td = (inp.batch_size * coef[torch.arange(B), actions]).clamp(-1.0, 1.0).float()  # huber'(q - y)
         q_sa = q[torch.arange(B), actions]
         y = q_sa - td
         probs = nn.functional.one_hot(actions, inp.n_actions).float()
@@ -160,7 +163,7 @@ class IDLGAttack(_EngineAttack):
         c = self._common()
         c.pop("lr", None)
         fixed = None
-        if inp.batch_size == 1:
+        if inp.n_transitions == 1:
             last = _linear_layers(inp.model)[-1]
             g_bias = dict(zip(inp.params, inp.gradient))[f"{last}.bias"]
             fixed = np.array([int(g_bias.abs().argmax())])

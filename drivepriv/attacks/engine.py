@@ -103,11 +103,11 @@ def first_layer_subspace(inp: AttackInput) -> StateSubspace:
     """The state subspace revealed by the gradient of the model's first ``nn.Linear``."""
     first = next(name for name, m in inp.model.named_modules() if isinstance(m, torch.nn.Linear))
     g = dict(zip(inp.params, inp.gradient))
-    return StateSubspace(g[f"{first}.weight"], g[f"{first}.bias"], inp.batch_size)
+    return StateSubspace(g[f"{first}.weight"], g[f"{first}.bias"], inp.n_transitions)
 
 
 def _init_vars(inp: AttackInput, s: EngineSettings, gen: torch.Generator) -> _Vars:
-    R, B, A = s.restarts, inp.batch_size, inp.n_actions
+    R, B, A = s.restarts, inp.n_transitions, inp.n_actions
     V, F = inp.obs_shape
     prior = inp.priors.prior_states
     if s.init == "prior" and prior is not None and len(prior) > 0:
@@ -127,6 +127,26 @@ def _init_vars(inp: AttackInput, s: EngineSettings, gen: torch.Generator) -> _Va
     )
 
 
+def simulate_update(inp: AttackInput, batch: Batch) -> tuple[Tensor, ...]:
+    """What the client would have shared for ``batch``: the gradient (one step), or under
+    FedAvg the delta after K local SGD steps on consecutive slices of B transitions, computed
+    differentiably (in the batch) so the attack can match it."""
+    params = {k: p.detach() for k, p in inp.params.items()}
+    target_params = {k: p.detach() for k, p in inp.target_params.items()}
+    model, loss = inp.model, inp.loss
+    if inp.local_steps == 1:
+        return tuple(grad(lambda p: loss(model, p, target_params, batch))(params).values())
+    if inp.delta is None:
+        raise ValueError("an update of several local steps needs the observed delta")
+    p, B = params, inp.batch_size
+    for k in range(inp.local_steps):
+        sl = slice(k * B, (k + 1) * B)
+        step = Batch(batch.states[sl], batch.actions[sl], batch.rewards[sl], batch.next_states[sl], batch.dones[sl])
+        g = grad(lambda q: loss(model, q, target_params, step))(p)
+        p = {n: p[n] - inp.local_lr * g[n] for n in p}
+    return tuple(p[n] - params[n] for n in params)
+
+
 def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str) -> Reconstruction:
     """Optimise R restarts of the dummy batch; return the restart with the lowest objective."""
     t0 = time.perf_counter()
@@ -141,16 +161,8 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str)
     if settings.fixed_actions is not None:
         fixed = torch.nn.functional.one_hot(torch.as_tensor(settings.fixed_actions), inp.n_actions).float()
 
-    params = {k: p.detach() for k, p in inp.params.items()}
-    target_params = {k: p.detach() for k, p in inp.target_params.items()}
-    target_grad = tuple(g.detach() for g in inp.gradient)
-    model, loss = inp.model, inp.loss
-
-    def one_gradient(states, actions, rewards, next_states, dones):
-        batch = Batch(states, actions, rewards, next_states, dones)
-        return tuple(grad(lambda p: loss(model, p, target_params, batch))(params).values())
-
-    batched_gradient = vmap(one_gradient)
+    target_grad = tuple(t.detach() for t in (inp.delta if inp.local_steps > 1 else inp.gradient))
+    batched_gradient = vmap(lambda *b: simulate_update(inp, Batch(*b)))
     active = {k: w for k, w in settings.weights.items() if w > 0}
     regs = {k: REGULARIZERS.get(k) for k in active}
 

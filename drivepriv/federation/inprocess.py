@@ -42,12 +42,11 @@ class ServerView:
     loss: DQNLossSpec
 
     def gradient(self) -> tuple[torch.Tensor, ...]:
-        """The shared gradient (FedSGD), or -delta/lr for one local SGD step (FedAvg, K=1)."""
+        """The shared gradient (FedSGD); under FedAvg -delta/lr: the sum of the K local gradients
+        (exactly the gradient for K = 1)."""
         if self.strategy == "fedsgd":
             return self.payload
-        if self.local_steps == 1:
-            return tuple(-d / self.lr for d in self.payload)
-        raise NotImplementedError("attacking FedAvg deltas of several local steps needs the unrolled attack")
+        return tuple(-d / self.lr for d in self.payload)
 
 
 @dataclass
