@@ -41,6 +41,9 @@ class EngineSettings:
     init: str = "normal"  # "normal" (N(0,1), as DLG) or "prior" (attacker's own rollouts)
     box: bool = False  # project states into the observation box [-1, 1] after each step
     fixed_actions: np.ndarray | None = None  # (B,) actions recovered beforehand (iDLG)
+    #: Start every restart from this reconstruction (restart 0 exactly, the others perturbed).
+    init_from: Reconstruction | None = None
+    init_noise: float = 0.02
     #: Confine states to the affine subspace that the first linear layer's gradient reveals
     #: (see :class:`StateSubspace`); the optimisation then moves only within it.
     subspace: bool = False
@@ -118,13 +121,23 @@ def _init_vars(inp: AttackInput, s: EngineSettings, gen: torch.Generator) -> _Va
     else:
         states = torch.randn(R, B, V, F, generator=gen)
         next_states = torch.randn(R, B, V, F, generator=gen)
-    return _Vars(
+    v = _Vars(
         states=states,
         action_logits=0.1 * torch.randn(R, B, A, generator=gen),
         rewards=0.1 * torch.randn(R, B, generator=gen),
         next_states=next_states,
         done_logits=torch.full((R, B), -3.0),
     )
+    if s.init_from is not None:
+        rec = s.init_from
+        noise = s.init_noise * torch.randn(R, B, V, F, generator=gen)
+        noise[0] = 0.0
+        v.states = torch.as_tensor(rec.states).expand(R, B, V, F) + noise
+        v.next_states = torch.as_tensor(rec.next_states).expand(R, B, V, F).clone()
+        v.action_logits = torch.log(torch.as_tensor(rec.action_probs).clamp_min(1e-3)).expand(R, B, A).clone()
+        v.rewards = torch.as_tensor(rec.rewards).expand(R, B).clone()
+        v.done_logits = torch.logit(torch.as_tensor(rec.dones).clamp(1e-3, 1 - 1e-3)).expand(R, B).clone()
+    return v
 
 
 def simulate_update(inp: AttackInput, batch: Batch) -> tuple[Tensor, ...]:
@@ -175,6 +188,20 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str)
             total = total + active[k] * reg(b, inp.priors)
         return total, dist
 
+    # Keep, per restart, the iterate with the lowest objective seen (the attacker's own
+    # criterion, never the truth): a run can then not end worse than where it started.
+    best_total = torch.full((settings.restarts,), float("inf"))
+    best = [t.detach().clone() for t in v.tensors()]
+
+    def remember(total: Tensor) -> None:
+        with torch.no_grad():
+            total = torch.where(torch.isfinite(total), total, torch.full_like(total, float("inf")))
+            better = total < best_total
+            if better.any():
+                best_total[better] = total[better]
+                for keep, t in zip(best, v.tensors()):
+                    keep[better] = t.detach()[better]
+
     if settings.optimizer == "lbfgs":
         opt: torch.optim.Optimizer = torch.optim.LBFGS(
             v.tensors(), lr=1.0, max_iter=20, history_size=100, line_search_fn="strong_wolfe"
@@ -192,6 +219,8 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str)
             opt.step(closure)
             if settings.box:
                 _project(v, project_states=space is None)
+            with torch.no_grad():
+                remember(objective()[0])
     else:
         opt = torch.optim.Adam(v.tensors(), lr=settings.lr)
         # Cosine decay to 1/1000 of the step size: coarse search first, then metre-level precision
@@ -200,6 +229,7 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str)
         for _ in range(settings.iterations):
             opt.zero_grad()
             total, _ = objective()
+            remember(total.detach())
             total.sum().backward()
             opt.step()
             sched.step()
@@ -207,6 +237,9 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str)
                 _project(v, project_states=space is None)
 
     with torch.no_grad():
+        remember(objective()[0])
+        for t, keep in zip(v.tensors(), best):
+            t.copy_(keep)
         total, dist = objective()
         total = torch.where(torch.isfinite(total), total, torch.full_like(total, float("inf")))
         best = int(total.argmin())
