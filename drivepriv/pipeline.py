@@ -90,7 +90,7 @@ def build_priors(cfg: RunConfig, progress: bool) -> tuple[Priors, dict[str, floa
     reward = make_reward(cfg.env, env)
     physics = physics_prior(env, codec, road)
     log.info("attacker: driving the public simulator for %d steps to fit its transition prior", cfg.attack.dynamics.rollout_steps)
-    rollouts = collect_rollouts(cfg.env, cfg.attack.dynamics.rollout_steps, cfg.seed)
+    rollouts = collect_rollouts(cfg.env, cfg.attack.dynamics.rollout_steps, cfg.seed, progress=progress)
     n_actions = int(env.action_space.n)
     env.close()
     dynamics, stats = fit_dynamics(rollouts, n_actions, cfg.attack.dynamics, cfg.seed)

@@ -36,15 +36,17 @@ class Rollouts:
         return len(self.actions)
 
 
-def collect_rollouts(env_cfg: EnvConfig, steps: int, seed: int) -> Rollouts:
+def collect_rollouts(env_cfg: EnvConfig, steps: int, seed: int, progress: bool = False) -> Rollouts:
     """Drive the public simulator with uniformly random actions for ``steps`` steps."""
+    from tqdm.auto import tqdm
+
     env = make_env(env_cfg)
     rng = numpy_rng(seed, "attacker", "rollouts")
     n_actions = int(env.action_space.n)
     episode = 0
     obs, _ = env.reset(seed=derive_seed(seed, "attacker", "episode", episode))
     S, A, R, S2, D = [], [], [], [], []
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="attacker rollouts", unit="step", disable=not progress, leave=False):
         a = int(rng.integers(n_actions))
         obs2, r, terminated, truncated, _ = env.step(a)
         S.append(obs)
