@@ -130,6 +130,10 @@ def test_make_reward_registry(merge_data) -> None:
 
 def test_merge_reward_matches_simulator(merge_data) -> None:
     env_cfg, env, data = merge_data
+    print(_check_merge(data, env_cfg, env))
+
+
+def _check_merge(data: Rollout, env_cfg: EnvConfig, env) -> str:
     codec = make_codec(env_cfg)
     reward = make_reward(env_cfg, env)
     next_obs, actions, done, r_env = data.tensors(int(env.action_space.n))
@@ -155,7 +159,6 @@ def test_merge_reward_matches_simulator(merge_data) -> None:
     n = int(keep.sum())
     err = np.abs(r_exact - r_env)
     report = f"compared {n} of {len(r_env)} transitions, excluded {excluded}, max |error| {err[keep].max():.2e}"
-    print(f"merge: {report}")
     assert n >= 300, report
     assert sum(excluded.values()) <= 0.05 * len(r_env), report
     assert err[keep].max() <= TOL, report
@@ -169,6 +172,7 @@ def test_merge_reward_matches_simulator(merge_data) -> None:
     # The soft prior (for optimisation) stays close to the exact one on real data.
     r_soft = reward(world, actions, done).numpy()
     assert np.median(np.abs(r_soft - r_exact)[keep]) <= 1e-3
+    return f"merge: {report}"
 
 
 def test_merge_reward_is_differentiable(merge_data) -> None:
@@ -197,6 +201,11 @@ def test_highway_fast_reward_matches_simulator() -> None:
     are only transitions whose target lane differs from the lane (a lane change under way)."""
     env_cfg = EnvConfig(id="highway-fast-v0")
     data, env = _rollout(env_cfg, steps=120, seed=0)
+    print(_check_highway(data, env_cfg, env))
+    env.close()
+
+
+def _check_highway(data: Rollout, env_cfg: EnvConfig, env) -> str:
     reward = make_reward(env_cfg, env)
     assert isinstance(reward, HighwayReward)
     next_obs, actions, done, r_env = data.tensors(int(env.action_space.n))
@@ -204,10 +213,9 @@ def test_highway_fast_reward_matches_simulator() -> None:
     err = np.abs(reward(world, actions, done, temperature=0.0).numpy() - r_env)
     keep = ~np.array(data.target_lane_differs)
     report = f"compared {int(keep.sum())} of {len(r_env)}, max |error| {err[keep].max():.2e}"
-    print(f"highway-fast: {report}")
     assert keep.sum() >= 0.9 * len(r_env), report
     assert err[keep].max() <= TOL, report
-    env.close()
+    return f"highway-fast: {report}"
 
 
 def test_state_penalty_zero_on_real_observations(merge_data) -> None:
@@ -270,7 +278,7 @@ def test_state_penalty_positive_on_garbage(merge_data) -> None:
 
 
 def _scenario_env(name: str) -> EnvConfig:
-    from drivepriv.cli import load_scenario
+    from drivepriv.scenarios import load_scenario
 
     return load_scenario(name).env
 
@@ -369,12 +377,12 @@ def test_intersection_reward_matches_simulator(intersection_data) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", ["roundabout", "intersection"])
+@pytest.mark.parametrize("scenario", ["merge", "highway", "roundabout", "intersection"])
 def test_reward_matches_simulator_1000(scenario: str) -> None:
-    """1000 random-action transitions per scenario (about 20 s for roundabout, 45 s for intersection)."""
+    """1000 random-action transitions per scenario of the catalogue (20-45 s each)."""
     env_cfg = _scenario_env(scenario)
     data, env = _rollout(env_cfg, steps=1000, seed=1)
-    check = _check_roundabout if scenario == "roundabout" else _check_intersection
+    check = {"merge": _check_merge, "highway": _check_highway, "roundabout": _check_roundabout, "intersection": _check_intersection}[scenario]
     print(check(data, env_cfg, env))
     env.close()
 
