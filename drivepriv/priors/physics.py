@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from drivepriv.envs.codec import ObservationCodec
-from drivepriv.priors.road import RoadGeometry
+from drivepriv.priors.road import RoadGeometry, _segment_u
 
 # highway_env.vehicle.kinematics.Vehicle
 VEHICLE_LENGTH_M = 5.0
@@ -83,9 +83,6 @@ def _wrap_to_pi(x: Tensor) -> Tensor:
     """highway_env.utils.wrap_to_pi, smooth form."""
     return torch.atan2(torch.sin(x), torch.cos(x))
 
-
-def _cross(a: Tensor, b: Tensor) -> Tensor:
-    return a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
 
 
 @dataclass(frozen=True)
@@ -147,17 +144,6 @@ def _lane_table(road: RoadGeometry) -> _LaneTable:
     )
 
 
-def _segment_u(q: Tensor, c0: Tensor, dc: Tensor, n0: Tensor, dn: Tensor) -> Tensor:
-    """``u`` with ``q`` on the lateral axis at ``c0 + u dc`` (as ``road._segment_u``)."""
-    a = q - c0
-    k0 = _cross(a, n0)
-    k1 = _cross(a, dn) - _cross(dc, n0)
-    k2 = -_cross(dc, dn)
-    disc = torch.clamp(k1 * k1 - 4.0 * k2 * k0, min=1e-18)
-    sgn = torch.where(k1 >= 0, torch.ones_like(k1), -torch.ones_like(k1))
-    den = k1 + sgn * torch.sqrt(disc)
-    den = torch.where(den.abs() < 1e-12, sgn * 1e-12, den)
-    return -2.0 * k0 / den
 
 
 class KinematicPrior:

@@ -252,14 +252,7 @@ class HighwayReward(RewardFunction):
         right_lane = (weights * value).sum(-1)
         forward = ego[..., self.codec.index("vx")]
         high_speed = torch.clamp(lmap(forward, self.speed_range_mps, (0.0, 1.0)), 0.0, 1.0)
-        c = self.road.lane_local_coordinates(xy)
-        margin = self.VEHICLE_LENGTH_M
-        on_lane = (
-            soft_step(self.road.lane_widths_m(xy) / 2.0 - c.lateral_abs_m, temperature)
-            * soft_step(c.s_m + margin, temperature)
-            * soft_step(self.road.lane_lengths_m(xy) + margin - c.s_m, temperature)
-        )
-        on_road = (weights * on_lane).sum(-1)
+        on_road = _on_road(self, xy, weights, temperature)
         crashed = done * on_road if self.offroad_terminal else done
         return {
             "collision_reward": crashed,
