@@ -110,40 +110,20 @@ class _LaneTable:
 
 
 def _lane_table(road: RoadGeometry) -> _LaneTable:
-    lanes = road.lanes
-    m = max(len(lane.points) - 1 for lane in lanes)
-    n_l = len(lanes)
-    arr = {k: np.zeros((n_l, m, 2)) for k in ("c0", "dc", "n0", "dn")}
-    arr.update({k: np.zeros((n_l, m)) for k in ("bulge", "s0", "ds", "h0", "dh")})
-    u_lo = np.zeros((n_l, m))
-    u_hi = np.ones((n_l, m))
-    valid = np.zeros((n_l, m), dtype=bool)
-    n_seg = np.zeros(n_l, dtype=np.int64)
-    for i, lane in enumerate(lanes):
-        pts = np.asarray(lane.points, dtype=np.float64)
-        s, h = lane.stations()
-        nrm = lane.lateral_axes()
-        k = len(pts) - 1
-        arr["c0"][i, :k], arr["dc"][i, :k] = pts[:-1], np.diff(pts, axis=0)
-        arr["n0"][i, :k], arr["dn"][i, :k] = nrm[:-1], np.diff(nrm, axis=0)
-        arr["bulge"][i, :k] = 0.0 if lane.bulges_m is None else np.asarray(lane.bulges_m, dtype=np.float64)
-        arr["s0"][i, :k], arr["ds"][i, :k] = s[:-1], np.diff(s)
-        arr["h0"][i, :k], arr["dh"][i, :k] = h[:-1], np.diff(h)
-        arr["ds"][i, k:] = 1.0  # padding, never selected
-        arr["dc"][i, k:] = 1.0
-        u_lo[i, 0], u_hi[i, k - 1] = -np.inf, np.inf
-        valid[i, :k] = True
-        n_seg[i] = k
-    t = {key: torch.as_tensor(val, dtype=torch.float64) for key, val in arr.items()}
-    return _LaneTable(
-        **t,
-        u_lo=torch.as_tensor(u_lo, dtype=torch.float64),
-        u_hi=torch.as_tensor(u_hi, dtype=torch.float64),
-        valid=torch.as_tensor(valid),
-        n_seg=torch.as_tensor(n_seg),
-    )
+    """The road's segment columns (``RoadGeometry``'s own tensors) gathered per lane and padded.
 
-
+    Padding rows (``valid`` False) have unit ``dc`` and ``ds`` and are never selected.
+    """
+    T = road._tensors(torch.float64, torch.device("cpu"))
+    idx = T.seg_index  # (L, M); padding points one past the last segment
+    total = T.c0.shape[0]
+    valid = idx < total
+    pads = {"c0": 0.0, "dc": 1.0, "n0": 0.0, "dn": 0.0, "bulge": 0.0, "s0": 0.0, "ds": 1.0, "h0": 0.0, "dh": 0.0, "u_lo": 0.0, "u_hi": 1.0}
+    cols = {}
+    for key, pad in pads.items():
+        col = getattr(T, key)
+        cols[key] = torch.cat([col, torch.full_like(col[:1], pad)])[idx]
+    return _LaneTable(**cols, valid=valid, n_seg=valid.sum(1))
 
 
 class KinematicPrior:
