@@ -2,3 +2,10 @@ import os
 
 os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")
 os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+
+import torch  # noqa: E402
+
+# The attacks' batched searches are many small operations: on the 2-core machines we run on,
+# a second intra-op thread only adds contention (measured: the batch-of-eight rgia-k test
+# 31 s with torch's default threads, 8 s with one, while another process was busy).
+torch.set_num_threads(1)
