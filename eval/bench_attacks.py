@@ -30,18 +30,20 @@ from drivepriv.seeding import derive_seed
 SMALL_FEDERATION = {"federation.clients": 2, "federation.rounds": 3, "attack.rounds": [-1]}
 
 
-def run(args: argparse.Namespace) -> pd.DataFrame:
-    rows = []
+def run(args: argparse.Namespace, partial: Path) -> pd.DataFrame:
+    rows: list[dict] = []
     for scenario in args.scenarios:
-        for seed in args.seeds:
-            priors = None
-            for b in args.batch_sizes:
+        priors_by_seed: dict[int, object] = {}
+        # batch sizes outermost: an interrupted run has every seed of the sizes it finished
+        for b in args.batch_sizes:
+            for seed in args.seeds:
                 cfg = load_scenario(scenario)
                 overrides = [(k.split("."), v) for k, v in SMALL_FEDERATION.items()]
                 overrides += [parse_override(s) for s in args.set] + [(["seed"], seed), (["federation", "batch_size"], b)]
                 cfg = apply_overrides(cfg, overrides)
-                if priors is None:  # the attacker's priors do not depend on the batch size
-                    priors, _, _ = build_priors(cfg, progress=False)
+                if seed not in priors_by_seed:  # the attacker's priors do not depend on the batch size
+                    priors_by_seed[seed], _, _ = build_priors(cfg, progress=False)
+                priors = priors_by_seed[seed]
                 fed = run_federation(cfg, resolve_attacked(cfg), progress=False)
                 codec = priors.codec
                 for view in fed.views:
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
                         )
                         m, _ = score(truth, rec.states, rec.actions, rec.rewards, rec.next_states, codec)
                         rows.append({"scenario": scenario, "batch_size": b, "attack": name, "seed": seed, "client": view.client, **m, "time_s": rec.time_s})
+                        pd.DataFrame(rows[-1:]).to_csv(partial, mode="a", header=len(rows) == 1, index=False)
                         print(f"{scenario} B={b} seed={seed} client={view.client} {name}: ego {m['ego_pos_err_m']:.3g} m, {rec.time_s:.1f} s", file=sys.stderr)
     return pd.DataFrame(rows)
 
@@ -63,6 +66,8 @@ def table(df: pd.DataFrame) -> str:
         "| scenario | B | attack | ego position (m) [p25, p75] | within 1 m | neighbours (m) | next state (m) | reward err. | action acc. | time (s) | seeds |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    order = {s: i for i, s in enumerate(pd.unique(df["scenario"]))}
+    df = df.assign(_order=df["scenario"].map(order)).sort_values(["_order", "batch_size"], kind="stable")
     for (scenario, b, attack), g in df.groupby(["scenario", "batch_size", "attack"], sort=False):
         e = g["ego_pos_err_m"]
         lines.append(
@@ -82,10 +87,17 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--out", default="reports/eval")
+    p.add_argument("--tables-from", nargs="+", default=None, metavar="CSV", help="combine these CSVs instead of running")
     args = p.parse_args()
-    df = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.tables_from:
+        df = pd.concat([pd.read_csv(f) for f in args.tables_from], ignore_index=True)
+    else:
+        partial = out / "attacks.partial.csv"
+        partial.unlink(missing_ok=True)
+        df = run(args, partial)
+        partial.unlink()
     df.to_csv(out / "attacks.csv", index=False)
     md = table(df)
     (out / "attacks.md").write_text(md + "\n")
