@@ -9,8 +9,10 @@ For users who run their own FRL system, without drivepriv's training loop::
 
 ``algorithm="dqn"`` means exactly: the mean over the batch of
 ``smooth_l1(Q(s)[a], r + gamma * (1 - done) * max_a' Q_target(s')[a'])``, target detached,
-where Q takes the flattened observation. The model may be any ``nn.Module`` whose first layer
-is ``nn.Linear`` (any widths and activations).
+where Q takes the flattened observation. ``algorithm="ppo"`` means PPO's loss at the first
+minibatch of an update with one-step returns (:class:`drivepriv.agents.ppo.PPOLossSpec`): the
+model is an actor-critic with A + 1 outputs, the A action logits then the value. The model may
+be any ``nn.Module`` whose first layer is ``nn.Linear`` (any widths and activations).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from drivepriv.agents.dqn import DQNLossSpec
+from drivepriv.agents.ppo import PPOLossSpec
 from drivepriv.attacks import AttackInput, make_attack
 from drivepriv.config import RunConfig, apply_overrides
 from drivepriv.envs import make_codec
@@ -33,7 +36,7 @@ from drivepriv.envs import make_env as _make_env
 from drivepriv.errors import ConfigError
 from drivepriv.scenarios import load_scenario
 
-SUPPORTED_ALGORITHMS = ("dqn",)
+SUPPORTED_ALGORITHMS = ("dqn", "ppo")
 
 
 @dataclass
@@ -127,6 +130,8 @@ def invert_gradients(
     attack: str = "rgia",
     seed: int = 0,
     settings: dict[str, Any] | None = None,
+    vf_coef: float = 0.5,
+    ent_coef: float = 0.0,
 ) -> AuditReconstruction:
     """Reconstruct the minibatch behind one shared gradient.
 
@@ -135,13 +140,14 @@ def invert_gradients(
             receives the flattened observation).
         gradients: one tensor per model parameter, in ``model.parameters()`` order.
         scenario: a scenario name or YAML path: the environment the client drove.
-        algorithm: the loss the client used (``"dqn"``).
+        algorithm: the loss the client used (``"dqn"`` or ``"ppo"``, see the module docstring).
         batch_size: number of transitions behind the gradient.
         target_model: the target network (defaults to a copy of ``model``).
         gamma: the discount the client used.
         attack: an attack of ``drivepriv attacks``.
         seed: the attacker's seed (its own simulator rollouts, restarts).
         settings: configuration overrides, e.g. ``{"attack.iterations": 800}``.
+        vf_coef, ent_coef: PPO's value-loss and entropy coefficients (``algorithm="ppo"``).
     """
     if algorithm not in SUPPORTED_ALGORITHMS:
         raise ConfigError(f"algorithm '{algorithm}' is not supported; supported: {', '.join(SUPPORTED_ALGORITHMS)}")
@@ -168,7 +174,17 @@ def invert_gradients(
             f"model: the first layer takes {linears[0].in_features} inputs, but the scenario's observation has "
             f"{codec.obs_dim} ({codec.vehicles_count} vehicles x {codec.n_features} features)"
         )
-    n_actions = linears[-1].out_features
+    n_actions = linears[-1].out_features - (1 if algorithm == "ppo" else 0)
+    env = _make_env(cfg.env)
+    env_actions = int(env.action_space.n)
+    env.close()
+    if n_actions != env_actions:
+        want = f"{env_actions + 1} (the {env_actions} action logits, then the value)" if algorithm == "ppo" else str(env_actions)
+        raise ConfigError(
+            f"model: the last layer has {linears[-1].out_features} outputs, but for algorithm='{algorithm}' on "
+            f"'{cfg.name}' it must have {want}: {env_actions} actions"
+        )
+    loss = DQNLossSpec(gamma=gamma) if algorithm == "dqn" else PPOLossSpec(gamma=gamma, vf_coef=vf_coef, ent_coef=ent_coef)
     wrapped = _FlatInput(copy.deepcopy(model), n_actions)
     target = _FlatInput(copy.deepcopy(target_model if target_model is not None else model), n_actions)
     priors, _, _ = build_priors(cfg, progress=False)
@@ -177,7 +193,7 @@ def invert_gradients(
         params={k: v.detach().clone() for k, v in wrapped.named_parameters()},
         target_params={k: v.detach().clone() for k, v in target.named_parameters()},
         gradient=tuple(torch.as_tensor(g).detach().float() for g in gradients),
-        loss=DQNLossSpec(gamma=gamma),
+        loss=loss,
         batch_size=batch_size,
         obs_shape=(codec.vehicles_count, codec.n_features),
         n_actions=n_actions,

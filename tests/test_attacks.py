@@ -125,9 +125,9 @@ def test_idlg_reads_the_action_of_a_batch_of_one():
         assert rec.actions[0] == truth.actions[0]
 
 
-def fedavg_case(local_steps: int, batch_size: int, lr: float = 0.05, seed: int = 0):
+def fedavg_case(local_steps: int, batch_size: int, lr: float = 0.05, seed: int = 0, **case):
     """A FedAvg client's delta after K local SGD steps, computed here, outside the engine."""
-    inp, truth, codec = setup_case(local_steps * batch_size, seed=seed)
+    inp, truth, codec = setup_case(local_steps * batch_size, seed=seed, **case)
     spec, model = inp.loss, inp.model
     p0 = {k: v.detach() for k, v in inp.params.items()}
     p = dict(p0)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from drivepriv.agents.dqn import DQNLossSpec
+from drivepriv.agents.ppo import PPOLossSpec
 from drivepriv.envs.codec import ObservationCodec
 from drivepriv.registry import Registry
 
@@ -51,10 +52,10 @@ class AttackInput:
     target_params: dict[str, Tensor]
     #: FedSGD: the gradient. FedAvg: -delta / lr, the sum of the K local gradients (exact for K=1).
     gradient: tuple[Tensor, ...]
-    loss: DQNLossSpec
+    loss: DQNLossSpec | PPOLossSpec
     batch_size: int  # transitions per local step
     obs_shape: tuple[int, int]
-    n_actions: int
+    n_actions: int  # actions (a PPO network has one output more: the value)
     priors: Priors
     #: FedAvg with K > 1 local SGD steps: the observed parameter delta and the local step size;
     #: the engine then unrolls the K steps on K dummy minibatches.

@@ -50,10 +50,11 @@ class AnalyticAttack(Attack):
 
 
 def complete_from_states(inp: AttackInput, states: np.ndarray, name: str) -> Reconstruction:
-    """Given the states (B, V, F), the rest in closed form: per-sample output gradients from
-    the last layer's gradient (least squares on the penultimate activations), hence the action
-    (the one non-zero entry) and the TD error; the next state from the transition prior; the
-    reward from the TD target (from the reward prior where the TD error saturates the Huber loss)."""
+    """Given the states (B, V, F), the rest in closed form: the per-sample gradients of the
+    network's outputs from the last layer's gradient (least squares on the penultimate
+    activations), hence the action and the TD error (DQN) or the advantage and return (PPO);
+    the next state from the transition prior; the reward from the TD target or return (from
+    the reward prior where the DQN's Huber loss saturates)."""
     B = inp.n_transitions
     last = _linear_layers(inp.model)[-1]
     g = dict(zip(inp.params, inp.gradient))
@@ -62,26 +63,30 @@ def complete_from_states(inp: AttackInput, states: np.ndarray, name: str) -> Rec
     feats: dict[str, Tensor] = {}
     handle = dict(inp.model.named_modules())[last].register_forward_hook(lambda m, i, o: feats.__setitem__("h", i[0]))
     with torch.no_grad():
-        q = functional_call(inp.model, inp.params, (x,))
+        out = functional_call(inp.model, inp.params, (x,))
     handle.remove()
     h = feats["h"].double()  # (B, H)
-    gwl, gbl = g[f"{last}.weight"].double(), g[f"{last}.bias"].double()  # (A, H), (A,)
+    gwl, gbl = g[f"{last}.weight"].double(), g[f"{last}.bias"].double()  # (O, H), (O,)
     design = torch.cat([h, torch.ones(B, 1, dtype=h.dtype)], dim=1)  # (B, H+1)
-    rhs = torch.cat([gwl, gbl[:, None]], dim=1)  # (A, H+1)
-    coef = torch.linalg.lstsq(design.T, rhs.T).solution  # (B, A): dL/dQ_ik
-    actions = coef.abs().argmax(-1)
-    td_raw = inp.batch_size * coef[torch.arange(B), actions]  # huber'(q - y) = clamp(q - y, -1, 1)
-    td = td_raw.clamp(-1.0, 1.0).float()
-    saturated = td_raw.abs() >= 1.0 - 1e-6  # |q - y| >= 1: the gradient gives only the sign
-    q_sa = q[torch.arange(B), actions]
-    y = q_sa - td
-    probs = nn.functional.one_hot(actions, inp.n_actions).float()
+    rhs = torch.cat([gwl, gbl[:, None]], dim=1)  # (O, H+1)
+    coef = torch.linalg.lstsq(design.T, rhs.T).solution  # (B, O): dL/d output_ik
     dyn = inp.priors.physics or inp.priors.dynamics
+    dones = torch.zeros(B)
+    if getattr(inp.loss, "name", "dqn") == "ppo":
+        actions, target = _ppo_actions_and_returns(inp, out, coef)
+        probs = nn.functional.one_hot(actions, inp.n_actions).float()
+        saturated = torch.zeros(B, dtype=torch.bool)
+    else:
+        actions = coef.abs().argmax(-1)
+        td_raw = inp.batch_size * coef[torch.arange(B), actions]  # huber'(q - y) = clamp(q - y, -1, 1)
+        saturated = td_raw.abs() >= 1.0 - 1e-6  # |q - y| >= 1: the gradient gives only the sign
+        target = out[torch.arange(B), actions] - td_raw.clamp(-1.0, 1.0).float()
+        probs = nn.functional.one_hot(actions, inp.n_actions).float()
     with torch.no_grad():
         next_states = dyn(x, probs) if dyn is not None else x.clone()
-        dones = torch.zeros(B)
-        q_next = functional_call(inp.model, inp.target_params, (next_states,)).max(-1).values
-        rewards = y - inp.loss.gamma * (1.0 - dones) * q_next
+        out_next = functional_call(inp.model, inp.target_params, (next_states,))
+        v_next = out_next[..., -1] if getattr(inp.loss, "name", "dqn") == "ppo" else out_next.max(-1).values
+        rewards = target - inp.loss.gamma * (1.0 - dones) * v_next
         if inp.priors.reward is not None and bool(saturated.any()):
             # where the TD error saturates the Huber loss, the target is unknown: take the
             # reward the scenario's reward function gives the predicted next state
@@ -102,6 +107,30 @@ def complete_from_states(inp: AttackInput, states: np.ndarray, name: str) -> Rec
         grad_distance=dist,
     )
 
+
+def _ppo_actions_and_returns(inp: AttackInput, out: Tensor, coef: Tensor) -> tuple[Tensor, Tensor]:
+    """Actions and one-step returns from PPO's per-sample output gradients.
+
+    For sample i (see :class:`~drivepriv.agents.ppo.PPOLossSpec`), the logits' gradient is
+    ``-(A_i / B) (e_a - pi_i) - (ent_coef / B) dH/dz`` and the value's is
+    ``2 vf_coef (V_i - R_i) / B`` with ``A_i = R_i - V_i``. The entropy term is known once the
+    state is; the action is the a whose ``e_a - pi_i`` best explains the rest (its sign pattern
+    is unique: one component against all others); the return comes from the value's gradient.
+    """
+    B, A = out.shape[0], inp.n_actions
+    logits = out[:, :A].double().detach().requires_grad_(True)
+    logp = torch.log_softmax(logits, -1)
+    ent = -(logp.exp() * logp).sum(-1).sum()
+    dh = torch.autograd.grad(ent, logits)[0]
+    pi = logp.exp().detach()
+    g = coef[:, :A] + (inp.loss.ent_coef / inp.batch_size) * dh  # = -(A_i/B)(e_a - pi_i)
+    u = torch.eye(A, dtype=pi.dtype)[None] - pi[:, None, :]  # (B, A candidates, A)
+    alpha = (u * g[:, None, :]).sum(-1) / (u * u).sum(-1)  # (B, A)
+    resid = ((g[:, None, :] - alpha[..., None] * u) ** 2).sum(-1)
+    actions = resid.argmin(-1)
+    value = out[:, A].double()
+    returns = value - coef[:, A] * inp.batch_size / (2.0 * inp.loss.vf_coef)
+    return actions, returns.float()
 
 def _recover_inputs(gw: Tensor, gb: Tensor, batch_size: int, prior_states: np.ndarray | None, seed: int) -> np.ndarray:
     """Inputs of a linear layer from its weight and bias gradients.
@@ -172,7 +201,8 @@ class IDLGAttack(_EngineAttack):
     Gradients"): DLG with the label (here: the action) read off the last layer's bias gradient
     first. For DQN the output-bias gradient of a batch of one is non-zero only at the action
     taken, so the action is exact; for larger batches it says which actions occur but not for
-    which transition, and the actions stay free. Baseline."""
+    which transition, and the actions stay free. For PPO the action's entry of the logits' bias
+    gradient is the one whose sign differs from all others. Baseline."""
 
     name = "idlg"
     summary = "iDLG: DLG with the action recovered from the last layer's gradient first (baseline)"
@@ -184,7 +214,13 @@ class IDLGAttack(_EngineAttack):
         if inp.n_transitions == 1:
             last = _linear_layers(inp.model)[-1]
             g_bias = dict(zip(inp.params, inp.gradient))[f"{last}.bias"]
-            fixed = np.array([int(g_bias.abs().argmax())])
+            if getattr(inp.loss, "name", "dqn") == "ppo":
+                # logits' gradient -A (e_a - pi): the action's entry has the sign of no other
+                sign = torch.sign(g_bias[: inp.n_actions])
+                odd = torch.nonzero(sign != torch.sign(sign.sum())).flatten()
+                fixed = np.array([int(odd[0])]) if len(odd) == 1 else None
+            else:
+                fixed = np.array([int(g_bias.abs().argmax())])
         return EngineSettings(**c, optimizer="lbfgs", distance="l2", init="normal", fixed_actions=fixed)
 
 
@@ -268,10 +304,12 @@ class RGIAKAttack(RGIAAttack):
             starts=analytic.states.reshape(B, -1),
         )
         start = complete_from_states(inp, found.states.reshape(B, V, F), self.name)
-        if found.found == B:
+        if found.found == B and inp.local_steps == 1:
             # Every state consistent with the update: the rest is closed form, and gradient
             # matching has nothing left to add (measured on merge, B = 8: 400 more iterations
-            # leave positions and next states unchanged and make rewards worse).
+            # leave positions and next states unchanged and make rewards worse). Under FedAvg
+            # with K > 1 the deeper layers' conditions are approximate: the engine, which
+            # unrolls the K local steps, always refines.
             rec = start
         else:
             settings = self.engine_settings(inp)
