@@ -314,6 +314,8 @@ class RGIAKAttack(RGIAAttack):
             settings = self.engine_settings(inp)
             settings.init_from = start
             settings.lr *= 0.1  # refine: small steps around a closed-form start
+            # small steps move little: a quarter of the budget (the kinematic prior is the cost)
+            settings.iterations = int(self.settings.get("refine_iterations", max(1, settings.iterations // 4)))
             rec = run_engine(inp, settings, seed, self.name)
         rec.time_s = time.perf_counter() - t0
         rec.extra["states_found"] = float(found.found)
