@@ -12,6 +12,7 @@ from torch.func import functional_call
 from drivepriv.attacks.base import ATTACKS, Attack, AttackInput, Reconstruction, gradient_distance
 from drivepriv.attacks.engine import EngineSettings, run_engine
 from drivepriv.agents.dqn import Batch
+from drivepriv.agents.ppo import PPOLossSpec
 from drivepriv.attacks import rowspace
 from drivepriv.seeding import derive_seed
 
@@ -36,17 +37,24 @@ class AnalyticAttack(Attack):
 
     def run(self, inp: AttackInput, seed: int) -> Reconstruction:
         t0 = time.perf_counter()
-        first = _linear_layers(inp.model)[0]
-        g = dict(zip(inp.params, inp.gradient))
-        gw, gb = g[f"{first}.weight"].double(), g[f"{first}.bias"].double()
-        # Under FedAvg with K > 1 local steps, -delta/lr sums gradients taken at K slightly
-        # different parameters: inputs stay exact where one sample drives a unit, the rest is
-        # an approximation.
-        B, (V, F) = inp.n_transitions, inp.obs_shape
-        states = _recover_inputs(gw, gb, B, inp.priors.prior_states, seed).reshape(B, V, F)
-        rec = complete_from_states(inp, states, self.name)
+        rec = complete_from_states(inp, analytic_states(inp, seed), self.name)
         rec.time_s = time.perf_counter() - t0
         return rec
+
+
+def analytic_states(inp: AttackInput, seed: int) -> np.ndarray:
+    """The (B, V, F) states the first linear layer's weight and bias gradients give in closed
+    form (see :func:`_recover_inputs`). Under FedAvg with K > 1 local steps, -delta/lr sums
+    gradients taken at K slightly different parameters: inputs stay exact where one sample
+    drives a unit, the rest is an approximation."""
+    first = _linear_layers(inp.model)[0]
+    g = dict(zip(inp.params, inp.gradient))
+    gw, gb = g[f"{first}.weight"].double(), g[f"{first}.bias"].double()
+    return _recover_inputs(gw, gb, inp.n_transitions, inp.priors.prior_states, seed).reshape(inp.n_transitions, *inp.obs_shape)
+
+
+def _is_ppo(inp: AttackInput) -> bool:
+    return isinstance(inp.loss, PPOLossSpec)
 
 
 def complete_from_states(inp: AttackInput, states: np.ndarray, name: str) -> Reconstruction:
@@ -72,20 +80,20 @@ def complete_from_states(inp: AttackInput, states: np.ndarray, name: str) -> Rec
     coef = torch.linalg.lstsq(design.T, rhs.T).solution  # (B, O): dL/d output_ik
     dyn = inp.priors.physics or inp.priors.dynamics
     dones = torch.zeros(B)
-    if getattr(inp.loss, "name", "dqn") == "ppo":
+    ppo = _is_ppo(inp)
+    if ppo:
         actions, target = _ppo_actions_and_returns(inp, out, coef)
-        probs = nn.functional.one_hot(actions, inp.n_actions).float()
         saturated = torch.zeros(B, dtype=torch.bool)
     else:
         actions = coef.abs().argmax(-1)
         td_raw = inp.batch_size * coef[torch.arange(B), actions]  # huber'(q - y) = clamp(q - y, -1, 1)
         saturated = td_raw.abs() >= 1.0 - 1e-6  # |q - y| >= 1: the gradient gives only the sign
         target = out[torch.arange(B), actions] - td_raw.clamp(-1.0, 1.0).float()
-        probs = nn.functional.one_hot(actions, inp.n_actions).float()
+    probs = nn.functional.one_hot(actions, inp.n_actions).float()
     with torch.no_grad():
         next_states = dyn(x, probs) if dyn is not None else x.clone()
         out_next = functional_call(inp.model, inp.target_params, (next_states,))
-        v_next = out_next[..., -1] if getattr(inp.loss, "name", "dqn") == "ppo" else out_next.max(-1).values
+        v_next = out_next[..., -1] if ppo else out_next.max(-1).values
         rewards = target - inp.loss.gamma * (1.0 - dones) * v_next
         if inp.priors.reward is not None and bool(saturated.any()):
             # where the TD error saturates the Huber loss, the target is unknown: take the
@@ -214,7 +222,7 @@ class IDLGAttack(_EngineAttack):
         if inp.n_transitions == 1:
             last = _linear_layers(inp.model)[-1]
             g_bias = dict(zip(inp.params, inp.gradient))[f"{last}.bias"]
-            if getattr(inp.loss, "name", "dqn") == "ppo":
+            if _is_ppo(inp):
                 # logits' gradient -A (e_a - pi): the action's entry has the sign of no other
                 sign = torch.sign(g_bias[: inp.n_actions])
                 odd = torch.nonzero(sign != torch.sign(sign.sum())).flatten()
@@ -295,13 +303,12 @@ class RGIAKAttack(RGIAAttack):
         (states within the first-layer subspace)."""
         t0 = time.perf_counter()
         B, (V, F) = inp.n_transitions, inp.obs_shape
-        analytic = AnalyticAttack().run(inp, seed)
         found = rowspace.recover_states(
             inp,
             derive_seed(seed, "attack", self.name, "rowspace"),
             restarts=int(self.settings.get("search_restarts", 1024)),
             iterations=int(self.settings.get("search_iterations", 300)),
-            starts=analytic.states.reshape(B, -1),
+            starts=analytic_states(inp, seed).reshape(B, -1),
         )
         start = complete_from_states(inp, found.states.reshape(B, V, F), self.name)
         if found.found == B:

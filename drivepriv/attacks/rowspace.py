@@ -133,7 +133,7 @@ def recover_states(
     def candidates() -> tuple[Tensor, Tensor]:
         xs = torch.cat([space.to_states(z), x])
         # within the subspace the first layer's condition holds by construction
-        r_sub = residual(xs[:half], deeper) if deeper else xs.new_zeros(half, dtype=torch.float64)
+        r_sub = residual(xs[:half], deeper)
         r_full = residual(xs[half:], layers)
         return xs, torch.cat([r_sub, r_full])
 
