@@ -26,8 +26,14 @@ KNOWN_FEATURES = ("presence", "x", "y", "vx", "vy", "cos_h", "sin_h")
 
 @dataclass
 class ObservationConfig:
-    """highway-env Kinematics observation: ego row absolute, neighbour rows ego-relative."""
+    """highway-env Kinematics observation: ego row absolute, neighbour rows ego-relative.
 
+    ``KinematicsGoal`` (parking) is highway-env's own goal observation, flattened: the ego's
+    x, y, vx, vy, cos_h, sin_h as observed, as achieved and as desired; the other keys do not
+    apply to it.
+    """
+
+    type: Literal["Kinematics", "KinematicsGoal"] = "Kinematics"
     vehicles_count: int = 5
     features: list[str] = field(default_factory=lambda: list(KNOWN_FEATURES))
     #: Physical range mapped onto [-1, 1] per feature. Choose it so nothing the agent sees
@@ -62,12 +68,19 @@ class ObservationConfig:
 
 @dataclass
 class EnvConfig:
-    """The simulator: backend, environment id and its overrides."""
+    """The simulator: backend, environment id and its overrides.
 
-    backend: Literal["highway"] = "highway"
+    ``highway``: a highway-env id with drivepriv's Kinematics observation (``observation``).
+    ``metadrive``: MetaDrive's lidar-and-state observation, offline, one engine per worker
+    process; ``id`` is ``MetaDrive`` and ``config`` holds MetaDrive's own keys (map, traffic...).
+    ``control``: a gymnasium classic control task (CartPole-v1, Acrobot-v1, MountainCar-v0,
+    Pendulum-v1).
+    """
+
+    backend: Literal["highway", "metadrive", "control"] = "highway"
     id: str = "merge-v0"
     observation: ObservationConfig = field(default_factory=ObservationConfig)
-    #: Other highway-env configuration keys (checked against the environment's own defaults).
+    #: Other configuration keys of the backend (checked against the environment's own defaults).
     config: dict[str, Any] = field(default_factory=dict)
     #: Truncate episodes after this many policy steps (0: the environment's own limit).
     max_episode_steps: int = 60
@@ -80,14 +93,26 @@ class EnvConfig:
 
 @dataclass
 class AgentConfig:
-    """Local DQN: MLP Q-network, target network, replay buffer, epsilon-greedy exploration."""
+    """The local algorithm and its network.
 
-    algorithm: Literal["dqn"] = "dqn"
+    ``dqn``: MLP Q-network, target network, replay buffer, epsilon-greedy (discrete actions).
+    ``ppo``: actor-critic MLP (logits or Gaussian mean, then the value), on-policy: the shared
+    minibatch comes from the round's own rollout (discrete or continuous actions).
+    ``td3``: deterministic actor and twin critics with target networks, replay buffer, Gaussian
+    exploration noise (continuous actions).
+    """
+
+    algorithm: Literal["dqn", "ppo", "td3"] = "dqn"
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
     buffer_size: int = 5000
     epsilon_start: float = 1.0
     epsilon_end: float = 0.05
     epsilon_decay_steps: int = 400
+    #: PPO: weight of the value loss and of the entropy bonus.
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0
+    #: TD3: standard deviation of the Gaussian exploration noise (actions in [-1, 1]).
+    exploration_noise: float = 0.2
 
     def validate(self, where: str) -> None:
         if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
@@ -98,6 +123,9 @@ class AgentConfig:
             v = getattr(self, key)
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"{where}.{key}: expected a probability in [0, 1], got {v}")
+        for key in ("vf_coef", "ent_coef", "exploration_noise"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}.{key}: expected a number >= 0, got {getattr(self, key)}")
 
 
 @dataclass

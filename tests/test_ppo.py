@@ -109,3 +109,112 @@ def test_audit_inverts_a_ppo_gradient():
     rec = invert_gradients(model, grads, scenario="merge", algorithm="ppo", batch_size=1, attack="analytic", ent_coef=ENT)
     assert np.abs(rec.states.reshape(1, -1) - s.numpy()).max() < 1e-4
     assert rec.actions[0] == 2
+
+
+# --- continuous actions (diagonal Gaussian policy with a state-independent log std) ---------
+
+from torch.func import grad, vmap  # noqa: E402
+
+from drivepriv.agents.ppo import ActorCritic, ppo_act  # noqa: E402
+
+
+def continuous_case(batch_size: int = 5, d: int = 2, seed: int = 0):
+    """A continuous actor-critic (35 -> 32 -> 32 -> d + 1) and a random batch (raw actions)."""
+    torch.manual_seed(seed)
+    model = ActorCritic(35, d, [32, 32], continuous=True, log_std_init=-0.3)
+    with torch.no_grad():
+        model.log_std.copy_(torch.tensor([-0.3, 0.4][:d]))  # differing per dimension
+    g = torch.Generator().manual_seed(seed + 1)
+    s, s2 = torch.randn(batch_size, 5, 7, generator=g), torch.randn(batch_size, 5, 7, generator=g)
+    a = 1.5 * torch.randn(batch_size, d, generator=g)  # raw: may lie outside [-1, 1]
+    r = torch.rand(batch_size, generator=g)
+    done = torch.tensor([0.0, 1.0] + [0.0] * (batch_size - 2))
+    return model, Batch(s, a, r, s2, done)
+
+
+def continuous_ppo_gradient_by_hand(model: ActorCritic, b: Batch, target: ActorCritic) -> tuple[torch.Tensor, ...]:
+    """The continuous PPO gradient with plain tensors and torch.distributions as the reference."""
+    model.zero_grad()
+    out = model(b.states)
+    mu, v = out[:, :-1], out[:, -1]
+    with torch.no_grad():
+        ret = b.rewards + GAMMA * (1 - b.dones) * target(b.next_states)[:, -1]
+    adv = ret - v.detach()
+    dist = torch.distributions.Normal(mu, model.log_std.exp())
+    loss = (-adv * dist.log_prob(b.actions).sum(-1)).mean() + VF * ((v - ret) ** 2).mean() - ENT * dist.entropy().sum(-1).mean()
+    loss.backward()
+    return tuple(p.grad.detach().clone() for p in model.parameters())
+
+
+def test_continuous_ppo_loss_spec_matches_the_hand_written_gradient():
+    model, b = continuous_case()
+    target = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a target that differs from the live parameters
+    expected = continuous_ppo_gradient_by_hand(model, b, target)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    target_params = {k: v.detach() for k, v in target.named_parameters()}
+    spec = PPOLossSpec(gamma=GAMMA, vf_coef=VF, ent_coef=ENT, continuous=True)
+    ours = spec.gradient(model, params, target_params, b)
+    assert [k for k in params] == [k for k, _ in model.named_parameters()]
+    for name, x, y in zip(params, ours, expected):
+        assert torch.allclose(x, y, atol=1e-6), name
+    assert ours[list(params).index("log_std")].abs().sum() > 0
+
+
+def test_actor_critic_layout():
+    model = ActorCritic(35, 3, [16], continuous=True)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert next(model.net.children()) is linears[0] and linears[0].bias is not None
+    assert linears[-1].out_features == 4 and model.n_actions == 3 and model.obs_dim == 35
+    assert torch.allclose(model.log_std, torch.full((3,), -0.5))
+    assert model(torch.zeros(2, 5, 7)).shape == (2, 4)
+    discrete = ActorCritic(35, 5, [16], continuous=False)
+    assert not hasattr(discrete, "log_std") and discrete(torch.zeros(2, 35)).shape == (2, 6)
+    assert PPOLossSpec(0.9).discrete and not PPOLossSpec(0.9, continuous=True).discrete
+
+
+def _vmapped_gradient(spec, model, params, b: Batch, restarts: int) -> tuple[torch.Tensor, ...]:
+    """The attack engine's batched call: vmap over restarts of grad over the parameters."""
+    stacked = [t.detach()[None].repeat(restarts, *[1] * t.dim()) for t in (b.states, b.actions, b.rewards, b.next_states, b.dones)]
+    for t in stacked:
+        t.requires_grad_(True)
+    g = vmap(lambda *bb: tuple(grad(lambda p: spec(model, p, params, Batch(*bb)))(params).values()))(*stacked)
+    # the attacker differentiates a gradient distance w.r.t. the dummy batch
+    sum(x.pow(2).sum() for x in g).backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in stacked[:3])
+    return g
+
+
+def test_vmap_grad_runs_on_both_ppo_specs():
+    model, b = continuous_case()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    spec = PPOLossSpec(gamma=GAMMA, vf_coef=VF, ent_coef=ENT, continuous=True)
+    g = _vmapped_gradient(spec, model, params, b, restarts=3)
+    for x, y in zip(g, spec.gradient(model, params, params, b)):
+        assert x.shape[0] == 3 and torch.allclose(x[1], y, atol=1e-6)
+
+    discrete = ActorCritic(35, 5, [32], continuous=False)
+    db = Batch(b.states, nn.functional.one_hot(torch.arange(5) % 5, 5).float(), b.rewards, b.next_states, b.dones)
+    dparams = {k: v.detach() for k, v in discrete.named_parameters()}
+    dspec = PPOLossSpec(gamma=GAMMA, vf_coef=VF, ent_coef=ENT)
+    g = _vmapped_gradient(dspec, discrete, dparams, db, restarts=2)
+    for x, y in zip(g, dspec.gradient(discrete, dparams, dparams, db)):
+        assert torch.allclose(x[0], y, atol=1e-6)
+
+
+def test_ppo_act_is_reproducible():
+    model, b = continuous_case(d=2)
+    obs = b.states[0].numpy()
+    draws = [[ppo_act(model, obs, np.random.default_rng(7), continuous=True) for _ in range(2)] for _ in range(2)]
+    assert np.array_equal(draws[0][0], draws[1][0]) and draws[0][0].shape == (2,) and draws[0][0].dtype == np.float32
+    rng = np.random.default_rng(3)
+    many = np.stack([ppo_act(model, obs, rng, continuous=True) for _ in range(400)])
+    with torch.no_grad():
+        mean = model(b.states[:1])[0, :-1].numpy()
+    assert np.abs(many.mean(0) - mean).max() < 0.25  # centred on the mean ...
+    assert np.abs(many.std(0) - model.log_std.exp().detach().numpy()).max() < 0.2  # ... with exp(log_std)
+    discrete = ActorCritic(35, 5, [16], continuous=False)
+    seq = [[ppo_act(discrete, obs, rng_, continuous=False) for _ in range(10)] for rng_ in (np.random.default_rng(1), np.random.default_rng(1))]
+    assert seq[0] == seq[1] and all(isinstance(x, int) and 0 <= x < 5 for x in seq[0])

@@ -8,6 +8,7 @@ client optimised (DESIGN.md section 4).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -72,6 +73,8 @@ class DQNLossSpec:
 
     gamma: float
     name: str = "dqn"
+    #: DQN acts on a discrete action set (actions in the batch are (B, A) probabilities).
+    discrete: ClassVar[bool] = True
 
     def __call__(self, model: nn.Module, params: dict[str, Tensor], target_params: dict[str, Tensor], batch: Batch) -> Tensor:
         q = functional_call(model, params, (batch.states,))
@@ -91,14 +94,19 @@ class DQNLossSpec:
 
 
 class ReplayBuffer:
-    """A ring buffer of transitions, sampled with the client's own generator."""
+    """A ring buffer of transitions, sampled with the client's own generator.
 
-    def __init__(self, capacity: int, obs_shape: tuple[int, ...], n_actions: int) -> None:
+    Discrete actions are stored as indices and sampled one-hot (``n_actions`` columns);
+    continuous actions (``continuous=True``) as (d,) vectors of ``n_actions`` values, raw.
+    """
+
+    def __init__(self, capacity: int, obs_shape: tuple[int, ...], n_actions: int, continuous: bool = False) -> None:
         self.capacity = capacity
         self.n_actions = n_actions
+        self.continuous = continuous
         self.states = np.zeros((capacity, *obs_shape), dtype=np.float32)
         self.next_states = np.zeros((capacity, *obs_shape), dtype=np.float32)
-        self.actions = np.zeros(capacity, dtype=np.int64)
+        self.actions = np.zeros((capacity, n_actions), dtype=np.float32) if continuous else np.zeros(capacity, dtype=np.int64)
         self.rewards = np.zeros(capacity, dtype=np.float32)
         self.dones = np.zeros(capacity, dtype=np.float32)
         #: (episode id, step in episode) of each transition, kept for trip stitching by metrics.
@@ -106,7 +114,7 @@ class ReplayBuffer:
         self.size = 0
         self._next = 0
 
-    def add(self, s: np.ndarray, a: int, r: float, s2: np.ndarray, done: bool, episode: int, step: int) -> None:
+    def add(self, s: np.ndarray, a, r: float, s2: np.ndarray, done: bool, episode: int, step: int) -> None:
         i = self._next
         self.states[i], self.actions[i], self.rewards[i] = s, a, r
         self.next_states[i], self.dones[i] = s2, float(done)
@@ -114,12 +122,19 @@ class ReplayBuffer:
         self._next = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
-    def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[Batch, np.ndarray]:
-        """A minibatch (without replacement) and the buffer indices it came from."""
-        idx = rng.choice(self.size, size=batch_size, replace=False)
+    def sample(self, batch_size: int, rng: np.random.Generator, recent: int | None = None) -> tuple[Batch, np.ndarray]:
+        """A minibatch (without replacement) and the buffer indices it came from; with
+        ``recent``, only from the last ``recent`` transitions added (on-policy algorithms)."""
+        if recent is None:
+            idx = rng.choice(self.size, size=batch_size, replace=False)
+        else:
+            recent = min(recent, self.size)
+            back = rng.choice(recent, size=batch_size, replace=False)
+            idx = (self._next - 1 - back) % self.capacity
+        acts = torch.as_tensor(self.actions[idx])
         batch = Batch(
             states=torch.as_tensor(self.states[idx]),
-            actions=nn.functional.one_hot(torch.as_tensor(self.actions[idx]), self.n_actions).float(),
+            actions=acts if self.continuous else nn.functional.one_hot(acts, self.n_actions).float(),
             rewards=torch.as_tensor(self.rewards[idx]),
             next_states=torch.as_tensor(self.next_states[idx]),
             dones=torch.as_tensor(self.dones[idx]),

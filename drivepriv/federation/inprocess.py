@@ -1,7 +1,8 @@
 """In-process federation: N clients with their own environments, a server that aggregates.
 
 Each round every client collects experience with the current global policy, then shares
-either the gradient of its TD loss on one minibatch (FedSGD) or its parameter delta after K
+either the gradient of its local algorithm's loss (DQN, PPO, TD3: see
+:mod:`drivepriv.agents.algorithms`) on one minibatch (FedSGD) or its parameter delta after K
 local SGD steps (FedAvg). The server averages and steps. For every attacked (client, round)
 the server's view is recorded; the true minibatch is recorded apart, for metrics only.
 """
@@ -17,7 +18,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from drivepriv.agents.dqn import DQNLossSpec, QNetwork, ReplayBuffer, epsilon_at
+from drivepriv.agents.algorithms import LocalAlgorithm, make_algorithm
+from drivepriv.agents.dqn import ReplayBuffer
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_env
 from drivepriv.seeding import derive_seed, numpy_rng
@@ -39,7 +41,7 @@ class ServerView:
     batch_size: int
     local_steps: int
     lr: float
-    loss: DQNLossSpec
+    loss: object  # the LossSpec the client trained with (DQNLossSpec, PPOLossSpec, TD3LossSpec)
 
     def gradient(self) -> tuple[torch.Tensor, ...]:
         """The shared gradient (FedSGD); under FedAvg -delta/lr: the sum of the K local gradients
@@ -58,11 +60,13 @@ class GroundTruth:
     batches: list[dict[str, np.ndarray]]
     #: (episode id, step) of every transition, per local step.
     origins: list[np.ndarray]
+    #: Continuous actions: the batches' actions are (B, d) values, not one-hot rows.
+    continuous: bool = False
 
 
 @dataclass
 class FederationResult:
-    model: QNetwork
+    model: torch.nn.Module
     views: list[ServerView]
     truths: dict[tuple[int, int], GroundTruth]
     training: pd.DataFrame
@@ -72,13 +76,14 @@ class FederationResult:
 class Client:
     """One vehicle / fleet: its own environment, seeds, replay buffer and exploration."""
 
-    def __init__(self, cid: int, cfg: RunConfig, obs_shape: tuple[int, ...], n_actions: int) -> None:
+    def __init__(self, cid: int, cfg: RunConfig, obs_shape: tuple[int, ...], algorithm: LocalAlgorithm) -> None:
         self.cid = cid
         self.cfg = cfg
         self.env = make_env(cfg.env)
-        self.n_actions = n_actions
+        self.algorithm = algorithm
         self.rng = numpy_rng(cfg.seed, "client", cid)
-        self.buffer = ReplayBuffer(cfg.agent.buffer_size, obs_shape, n_actions)
+        acts = algorithm.actions
+        self.buffer = ReplayBuffer(cfg.agent.buffer_size, obs_shape, acts.n, continuous=acts.continuous)
         self.env_steps = 0
         self.episode = 0
         self.episode_step = 0
@@ -87,19 +92,10 @@ class Client:
         self.crashes: list[bool] = []
         self.obs, _ = self.env.reset(seed=derive_seed(cfg.seed, "client", cid, "episode", 0))
 
-    def act(self, model: QNetwork) -> int:
-        a = self.cfg.agent
-        eps = epsilon_at(self.env_steps, a.epsilon_start, a.epsilon_end, a.epsilon_decay_steps)
-        if self.rng.random() < eps:
-            return int(self.rng.integers(self.n_actions))
-        with torch.no_grad():
-            q = model(torch.as_tensor(self.obs[None]))
-        return int(q.argmax(-1).item())
-
-    def collect(self, model: QNetwork, steps: int) -> None:
+    def collect(self, model: torch.nn.Module, steps: int) -> None:
         for _ in range(steps):
-            action = self.act(model)
-            obs2, reward, terminated, truncated, info = self.env.step(action)
+            action = self.algorithm.act(model, self.obs, self.rng, self.env_steps)
+            obs2, reward, terminated, truncated, info = self.env.step(self.algorithm.env_action(action))
             self.buffer.add(self.obs, action, float(reward), obs2, bool(terminated), self.episode, self.episode_step)
             self.env_steps += 1
             self.episode_step += 1
@@ -120,43 +116,48 @@ class Client:
 
 def run_federation(cfg: RunConfig, attacked: set[tuple[int, int]], progress: bool = True) -> FederationResult:
     """Train the federation; record server views and ground truth for ``attacked`` (round, client) pairs."""
-    fed, agent = cfg.federation, cfg.agent
+    fed = cfg.federation
     probe = make_env(cfg.env)
     obs_shape = probe.observation_space.shape
-    n_actions = int(probe.action_space.n)
+    algorithm = make_algorithm(cfg, int(np.prod(obs_shape)), probe.action_space)
     probe.close()
 
     torch.manual_seed(derive_seed(cfg.seed, "model-init"))
-    model = QNetwork(int(np.prod(obs_shape)), n_actions, agent.hidden_sizes)
+    model = algorithm.build_model()
     target = copy.deepcopy(model)
-    loss_spec = DQNLossSpec(gamma=fed.gamma)
+    loss_spec = algorithm.loss_spec()
+    # on-policy: the minibatch is drawn from the round's own rollout
+    recent = fed.env_steps_per_round if algorithm.on_policy else None
     if fed.server_optimizer == "adam":
         server_opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=fed.lr)
     else:
         server_opt = torch.optim.SGD(model.parameters(), lr=fed.lr)
 
-    clients = [Client(i, cfg, obs_shape, n_actions) for i in range(fed.clients)]
+    clients = [Client(i, cfg, obs_shape, algorithm) for i in range(fed.clients)]
     views: list[ServerView] = []
     truths: dict[tuple[int, int], GroundTruth] = {}
     rows = []
     bar = tqdm(range(fed.rounds), desc="train", unit="round", disable=not progress, leave=False)
     for rnd in bar:
         params = {k: v.detach().clone() for k, v in model.named_parameters()}
-        target_params = {k: v.detach().clone() for k, v in target.named_parameters()}
+        # on-policy algorithms bootstrap from the parameters that collected the data
+        source = model if algorithm.on_policy else target
+        target_params = {k: v.detach().clone() for k, v in source.named_parameters()}
         payloads = []
         for client in clients:
-            client.collect(model, fed.env_steps_per_round + (fed.warmup_steps if rnd == 0 else 0))
+            steps = fed.env_steps_per_round + (fed.warmup_steps if rnd == 0 else 0)
+            client.collect(model, steps)
             rng = numpy_rng(cfg.seed, "client", client.cid, "round", rnd, "minibatch")
             batches, origins = [], []
             if fed.strategy == "fedsgd":
-                batch, idx = client.buffer.sample(fed.batch_size, rng)
+                batch, idx = client.buffer.sample(fed.batch_size, rng, recent=steps if recent else None)
                 payload = loss_spec.gradient(model, params, target_params, batch)
                 batches.append(batch.numpy())
                 origins.append(client.buffer.origin[idx].copy())
             else:
                 local = {k: v.clone().requires_grad_(True) for k, v in params.items()}
                 for _ in range(fed.local_steps):
-                    batch, idx = client.buffer.sample(fed.batch_size, rng)
+                    batch, idx = client.buffer.sample(fed.batch_size, rng, recent=steps if recent else None)
                     grads = loss_spec.gradient(model, local, target_params, batch)
                     local = {k: (v - fed.lr * g).detach().requires_grad_(True) for (k, v), g in zip(local.items(), grads)}
                     batches.append(batch.numpy())
@@ -168,7 +169,7 @@ def run_federation(cfg: RunConfig, attacked: set[tuple[int, int]], progress: boo
                 views.append(
                     ServerView(rnd, client.cid, fed.strategy, params, target_params, payload, fed.batch_size, fed.local_steps, fed.lr, loss_spec)
                 )
-                truths[(rnd, client.cid)] = GroundTruth(rnd, client.cid, batches, origins)
+                truths[(rnd, client.cid)] = GroundTruth(rnd, client.cid, batches, origins, algorithm.actions.continuous)
             recent = client.finished_returns[-5:]
             rows.append(
                 {

@@ -1,0 +1,152 @@
+"""The local algorithms a client can run, behind one small interface the federation uses.
+
+Each algorithm says how a client acts, which minibatch it shares the gradient of (a replay
+sample, or the round's own rollout for on-policy PPO), which parameters the loss bootstraps
+from (a target network, or the current parameters) and which :class:`LossSpec` it trains
+with. The federation never imports a specific algorithm; the attacker gets the same LossSpec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import nn
+
+from drivepriv.agents.dqn import DQNLossSpec, QNetwork, epsilon_at
+from drivepriv.agents.ppo import ActorCritic, PPOLossSpec, ppo_act
+from drivepriv.agents.td3 import TD3LossSpec, TD3Net, td3_act
+from drivepriv.config import RunConfig
+from drivepriv.errors import ConfigError
+from drivepriv.registry import Registry
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    """The environment's actions as the agents see them: ``n`` discrete actions, or a box of
+    ``n`` continuous values in [-1, 1]."""
+
+    n: int
+    continuous: bool
+
+    @classmethod
+    def of(cls, space: spaces.Space) -> "ActionSpec":
+        if isinstance(space, spaces.Discrete):
+            return cls(int(space.n), False)
+        if isinstance(space, spaces.Box):
+            return cls(int(np.prod(space.shape)), True)
+        raise ConfigError(f"unsupported action space {space}: drivepriv's agents take Discrete or Box actions")
+
+    def describe(self) -> str:
+        return f"{self.n} continuous values" if self.continuous else f"{self.n} discrete actions"
+
+
+class LocalAlgorithm:
+    """How a client acts and what it shares; see the module docstring."""
+
+    name = ""
+    #: Which action kinds the algorithm handles.
+    discrete_ok = True
+    continuous_ok = True
+    #: On-policy: the minibatch comes from the round's own rollout, bootstrapped from the
+    #: current parameters (no target network).
+    on_policy = False
+
+    def __init__(self, cfg: RunConfig, obs_dim: int, actions: ActionSpec) -> None:
+        kind = "continuous" if actions.continuous else "discrete"
+        if (actions.continuous and not self.continuous_ok) or (not actions.continuous and not self.discrete_ok):
+            fits = ", ".join(n for n in ALGORITHMS if (ALGORITHMS.get(n).continuous_ok if actions.continuous else ALGORITHMS.get(n).discrete_ok))
+            raise ConfigError(
+                f"agent.algorithm: {self.name} does not handle {kind} actions, and scenario '{cfg.name}' has "
+                f"{actions.describe()}; use one of: {fits} (--set agent.algorithm=...)"
+            )
+        self.cfg = cfg
+        self.obs_dim = obs_dim
+        self.actions = actions
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def loss_spec(self):
+        raise NotImplementedError
+
+    def act(self, model: nn.Module, obs: np.ndarray, rng: np.random.Generator, env_steps: int):
+        """The action to store (raw) for observation ``obs``."""
+        raise NotImplementedError
+
+    def env_action(self, action):
+        """What the environment gets: continuous actions clipped to [-1, 1]."""
+        if self.actions.continuous:
+            return np.clip(np.asarray(action, dtype=np.float32), -1.0, 1.0)
+        return int(action)
+
+
+ALGORITHMS: Registry[type[LocalAlgorithm]] = Registry("algorithm")
+
+
+@ALGORITHMS.register("dqn")
+class DQN(LocalAlgorithm):
+    """DQN (Mnih et al., 2015): epsilon-greedy on a Q-network, replay, target network."""
+
+    name = "dqn"
+    continuous_ok = False
+
+    def build_model(self) -> nn.Module:
+        return QNetwork(self.obs_dim, self.actions.n, self.cfg.agent.hidden_sizes)
+
+    def loss_spec(self) -> DQNLossSpec:
+        return DQNLossSpec(gamma=self.cfg.federation.gamma)
+
+    def act(self, model, obs, rng, env_steps):
+        a = self.cfg.agent
+        if rng.random() < epsilon_at(env_steps, a.epsilon_start, a.epsilon_end, a.epsilon_decay_steps):
+            return int(rng.integers(self.actions.n))
+        with torch.no_grad():
+            return int(model(torch.as_tensor(obs[None])).argmax(-1).item())
+
+
+@ALGORITHMS.register("ppo")
+class PPO(LocalAlgorithm):
+    """PPO (Schulman et al., 2017) on-policy: samples from its own policy; each round shares
+    the gradient of PPO's loss on a minibatch of that round's rollout (see PPOLossSpec)."""
+
+    name = "ppo"
+    on_policy = True
+
+    def build_model(self) -> nn.Module:
+        return ActorCritic(self.obs_dim, self.actions.n, self.cfg.agent.hidden_sizes, continuous=self.actions.continuous)
+
+    def loss_spec(self) -> PPOLossSpec:
+        a = self.cfg.agent
+        return PPOLossSpec(gamma=self.cfg.federation.gamma, vf_coef=a.vf_coef, ent_coef=a.ent_coef, continuous=self.actions.continuous)
+
+    def act(self, model, obs, rng, env_steps):
+        return ppo_act(model, obs, rng, self.actions.continuous)
+
+
+@ALGORITHMS.register("td3")
+class TD3(LocalAlgorithm):
+    """TD3 (Fujimoto et al., 2018): deterministic actor with Gaussian exploration noise, twin
+    critics, replay and target networks; shares the critics' TD gradient and the actor's."""
+
+    name = "td3"
+    discrete_ok = False
+
+    def build_model(self) -> nn.Module:
+        return TD3Net(self.obs_dim, self.actions.n, self.cfg.agent.hidden_sizes)
+
+    def loss_spec(self) -> TD3LossSpec:
+        return TD3LossSpec(gamma=self.cfg.federation.gamma)
+
+    def act(self, model, obs, rng, env_steps):
+        a = self.cfg.agent
+        # uniform random actions while the epsilon schedule says "explore" (warm-up)
+        if rng.random() < epsilon_at(env_steps, a.epsilon_start, a.epsilon_end, a.epsilon_decay_steps) - a.epsilon_end:
+            return rng.uniform(-1.0, 1.0, self.actions.n).astype(np.float32)
+        return td3_act(model, obs, rng, a.exploration_noise)
+
+
+def make_algorithm(cfg: RunConfig, obs_dim: int, action_space: spaces.Space) -> LocalAlgorithm:
+    return ALGORITHMS.get(cfg.agent.algorithm)(cfg, obs_dim, ActionSpec.of(action_space))
