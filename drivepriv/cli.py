@@ -68,7 +68,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_scenarios(args: argparse.Namespace) -> int:
     for name, path in scenario_catalogue().items():
         data = load_yaml(path)
-        print(f"{name:<14} {data.get('description', '')}")
+        print(f"{name:<24} {data.get('description', '')}")
     return 0
 
 

@@ -18,18 +18,19 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from drivepriv.agents.algorithms import ActionSpec, make_algorithm
 from drivepriv.attacks import AttackInput, Priors, Reconstruction, make_attack
 from drivepriv.config import RunConfig, dump_yaml
 from drivepriv.envs import make_codec, make_env
-from drivepriv.envs.highway import action_names
+from drivepriv.errors import ConfigError
 from drivepriv.federation.inprocess import GroundTruth, ServerView, resolve_attacked, run_federation
-from drivepriv.metrics.dynamics import SimulatorStepper
 from drivepriv.metrics.scores import METRIC_HELP, Truth, score
-from drivepriv.priors.dynamics import collect_rollouts, fit_dynamics
+from drivepriv.metrics.vector import score_vector, vector_metric_columns, vector_metric_help
+from drivepriv.priors.dynamics import collect_rollouts, fit_dynamics, fit_reward
 from drivepriv.priors.physics import KinematicPrior
-from drivepriv.priors.reward import make_reward
+from drivepriv.priors.reward import ObservationReward, make_reward
 from drivepriv.priors.road import RoadGeometry
-from drivepriv.priors.state import state_penalty
+from drivepriv.priors.state import box_penalty, state_penalty
 from drivepriv.seeding import derive_seed, seed_everything
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ METRIC_COLUMNS = [
 ]
 
 THREAT_MODEL = [
-    "An honest-but-curious server receives each client's update (FedSGD: the gradient of its DQN TD loss on one minibatch).",
+    "An honest-but-curious server receives each client's update (FedSGD: the gradient of its local loss, DQN's TD loss, PPO's or TD3's, on one minibatch).",
     "It knows what any FL server knows: the global and target networks it sent, the loss and hyper-parameters it prescribed, and the public simulator (road, observation layout, reward function).",
     "It never sees the clients' data. Attacks receive only that view; the ground truth is used by the metrics alone.",
 ]
@@ -65,14 +66,31 @@ class RunResult:
 
 def check_supported(cfg: RunConfig) -> None:
     """Fail before any work starts on combinations this version cannot attack."""
+    env = make_env(cfg.env)  # unknown environment ids and simulator keys fail here
+    try:
+        obs_dim = int(np.prod(env.observation_space.shape))
+        algorithm = make_algorithm(cfg, obs_dim, env.action_space)  # algorithm vs action space
+    finally:
+        env.close()
     for name in cfg.attack.attacks:
-        make_attack(name)  # unknown names fail here with a did-you-mean
-    make_env(cfg.env).close()  # unknown environment ids and highway-env keys fail here
+        attack = make_attack(name)  # unknown names fail here with a did-you-mean
+        if algorithm.actions.continuous and not attack.continuous_actions:
+            ok = [n for n in cfg.attack.attacks if make_attack(n).continuous_actions] or ["rgia", "dlg", "ig"]
+            raise ConfigError(
+                f"attack.attacks: '{name}' reads discrete actions off the network's last layer, and scenario "
+                f"'{cfg.name}' has continuous actions ({cfg.agent.algorithm}); use {', '.join(ok)} (--attacks ...)"
+            )
+    fed = cfg.federation
+    if algorithm.on_policy and fed.env_steps_per_round < fed.batch_size:
+        raise ConfigError(
+            f"federation.env_steps_per_round ({fed.env_steps_per_round}) must be at least batch_size ({fed.batch_size}) "
+            f"for {cfg.agent.algorithm}: an on-policy client draws its minibatch from the round's own rollout"
+        )
 
 
 def library_versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for pkg in ("drivepriv", "torch", "numpy", "gymnasium", "highway-env", "pandas", "scipy", "matplotlib", "imageio", "imageio-ffmpeg", "Jinja2", "PyYAML"):
+    for pkg in ("drivepriv", "torch", "numpy", "gymnasium", "highway-env", "metadrive-simulator", "pandas", "scipy", "matplotlib", "imageio", "imageio-ffmpeg", "Jinja2", "PyYAML"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -80,27 +98,57 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def build_priors(cfg: RunConfig, progress: bool) -> tuple[Priors, dict[str, float], RoadGeometry]:
+def build_priors(cfg: RunConfig, progress: bool) -> tuple[Priors, dict[str, float], RoadGeometry | None]:
     """The attacker's public knowledge: codec, road, reward function, state feasibility and a
-    transition model fitted on its own rollouts (its own seeds, never a client's)."""
+    transition model fitted on its own rollouts (its own seeds, never a client's).
+
+    highway-env: road geometry, the reward function and vehicle kinematics in closed form.
+    Control tasks: their exact equations (transition, reward) stand for both transition
+    priors. MetaDrive (Bullet physics): a transition model and a reward model learned from
+    the attacker's rollouts, and the observation's feasibility constraints."""
     codec = make_codec(cfg.env)
     env = make_env(cfg.env)
     env.reset(seed=derive_seed(cfg.seed, "attacker", "road"))
-    road = RoadGeometry.from_env(env)
-    reward = make_reward(cfg.env, env)
-    physics = physics_prior(env, codec, road)
+    actions = ActionSpec.of(env.action_space)
     log.info("attacker: driving the public simulator for %d steps to fit its transition prior", cfg.attack.dynamics.rollout_steps)
+    try:
+        road = None
+        physics = reward = dynamics = None
+        stats: dict[str, float] = {}
+        if cfg.env.backend == "highway" and codec.kind == "kinematics":
+            road = RoadGeometry.from_env(env)
+            fn = make_reward(cfg.env, env)
+            reward = ObservationReward(fn, codec) if fn is not None else None
+            physics = physics_prior(env, codec, road) if not actions.continuous else None
+            penalty = lambda obs: state_penalty(obs, codec, road)  # noqa: E731
+        elif cfg.env.backend == "highway":  # the flattened goal observation (parking)
+            penalty = lambda obs: box_penalty(obs, codec)  # noqa: E731
+        elif cfg.env.backend == "control":
+            from drivepriv.priors.control import control_prior, control_state_penalty
+
+            exact = control_prior(cfg.env.id, cfg.env.config)
+            physics = dynamics = exact.predict
+            reward = exact.reward
+            penalty = lambda obs: control_state_penalty(obs, cfg.env.id)  # noqa: E731
+        else:
+            from drivepriv.priors.metadrive import metadrive_state_penalty
+
+            penalty = lambda obs: metadrive_state_penalty(obs, codec)  # noqa: E731
+    finally:
+        env.close()
     rollouts = collect_rollouts(cfg.env, cfg.attack.dynamics.rollout_steps, cfg.seed, progress=progress)
-    n_actions = int(env.action_space.n)
-    env.close()
-    dynamics, stats = fit_dynamics(rollouts, n_actions, cfg.attack.dynamics, cfg.seed)
+    if dynamics is None:
+        dynamics, stats = fit_dynamics(rollouts, actions.n, cfg.attack.dynamics, cfg.seed)
+    if reward is None:  # no closed form (MetaDrive, racetrack, parking): learned from the rollouts
+        reward, reward_stats = fit_reward(rollouts, actions.n, cfg.attack.dynamics, cfg.seed)
+        stats.update(reward_stats)
     priors = Priors(
         codec=codec,
         road=road,
         reward=reward,
         dynamics=dynamics,
         physics=physics,
-        state_penalty=lambda obs: state_penalty(obs, codec, road),
+        state_penalty=penalty,
         prior_states=rollouts.states,
     )
     return priors, stats, road
@@ -115,7 +163,7 @@ def physics_prior(env, codec, road):
         return None
 
 
-def attack_input(model: torch.nn.Module, view: ServerView, priors: Priors, obs_shape: tuple[int, int], n_actions: int) -> AttackInput:
+def attack_input(model: torch.nn.Module, view: ServerView, priors: Priors, obs_shape: tuple[int, ...], n_actions: int) -> AttackInput:
     """The attacker's input for one update: the server's view and public priors, nothing else."""
     return AttackInput(
         model=copy.deepcopy(model),
@@ -136,7 +184,73 @@ def attack_input(model: torch.nn.Module, view: ServerView, priors: Priors, obs_s
 def _truth(gt: GroundTruth) -> Truth:
     """All transitions behind the update (the K local minibatches of FedAvg, concatenated)."""
     cat = {k: np.concatenate([b[k] for b in gt.batches]) for k in gt.batches[0]}
-    return Truth(cat["states"], cat["actions"].argmax(-1), cat["rewards"], cat["next_states"], cat["dones"])
+    actions = cat["actions"] if gt.continuous else cat["actions"].argmax(-1)
+    return Truth(cat["states"], actions, cat["rewards"], cat["next_states"], cat["dones"])
+
+
+def metric_columns(codec, continuous: bool) -> list[str]:
+    """metrics.csv's columns for a scenario's observation codec."""
+    if codec.kind == "vector":
+        return vector_metric_columns(codec, continuous)
+    cols = list(METRIC_COLUMNS)
+    return [("action_abs_err" if c == "action_acc" and continuous else c) for c in cols]
+
+
+def metric_help(codec) -> dict[str, str]:
+    extra = {"action_abs_err": "mean absolute error of the continuous action (actions in [-1, 1])"}
+    return (vector_metric_help(codec) if codec.kind == "vector" else METRIC_HELP | extra) | {"time_s": "wall time of the attack (s)"}
+
+
+def score_any(truth: Truth, rec: Reconstruction, codec) -> tuple[dict[str, float], np.ndarray]:
+    """Score a reconstruction with the codec's metrics (Kinematics or flat observations)."""
+    if codec.kind == "vector":
+        return score_vector(truth, rec.states, rec.actions, rec.rewards, rec.next_states, codec)
+    return score(truth, rec.states, rec.actions, rec.rewards, rec.next_states, codec)
+
+
+class DynamicsResidual:
+    """The simulator stepped from a (reconstructed) (s, a), compared with the given s'
+    (highway-env: ego position in m; control tasks: physical state distance). MetaDrive's
+    Bullet state cannot be set from an observation: no residual there (NaN)."""
+
+    def __init__(self, cfg: RunConfig, codec) -> None:
+        self.fn = None
+        self.env = None
+        if cfg.env.backend == "highway":
+            from drivepriv.metrics.dynamics import SimulatorStepper
+
+            self.env = make_env(cfg.env)
+            if hasattr(self.env.action_space, "n"):
+                self.fn = SimulatorStepper(self.env, codec).ego_residual_m
+        elif cfg.env.backend == "control":
+            from drivepriv.envs.control import ControlStepper
+
+            stepper = ControlStepper(cfg.env)
+            self.fn = stepper.residual
+            self.env = getattr(stepper, "env", None)
+
+    def __call__(self, states: np.ndarray, actions: np.ndarray, next_states: np.ndarray) -> float:
+        if self.fn is None:
+            return float("nan")
+        return float(np.median(self.fn(states, actions, next_states)))
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.close()
+
+
+def action_labels(cfg: RunConfig) -> tuple[str, ...]:
+    """Names of the discrete actions (highway-env's meta-actions), else their indices."""
+    env = make_env(cfg.env)
+    try:
+        if cfg.env.backend == "highway" and hasattr(env.action_space, "n"):
+            from drivepriv.envs.highway import action_names
+
+            return action_names(env)
+        n = getattr(env.action_space, "n", 0)
+        return tuple(str(i) for i in range(int(n)))
+    finally:
+        env.close()
 
 
 def run_eval(cfg: RunConfig, command: str = "", progress: bool = True) -> RunResult:
@@ -161,10 +275,13 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True) -> RunRes
 
     priors, dyn_stats, road = build_priors(cfg, progress)
     codec = priors.codec
-    obs_shape = (codec.vehicles_count, codec.n_features)
+    obs_shape = tuple(codec.obs_shape)
     n_actions = fed.model.n_actions
-    stepper = SimulatorStepper(make_env(cfg.env), codec)
-    names = action_names(stepper.env)
+    residual_of = DynamicsResidual(cfg, codec)
+    names = action_labels(cfg)
+    continuous = any(t.continuous for t in fed.truths.values())
+    columns = metric_columns(codec, continuous)
+    suffix = "_m" if codec.kind == "kinematics" else ""
 
     rows, timings, scenes = [], [], []
     views = sorted(fed.views, key=lambda v: (v.round, v.client))
@@ -172,15 +289,14 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True) -> RunRes
     for view in views:
         truth = _truth(fed.truths[(view.round, view.client)])
         inp = attack_input(fed.model, view, priors, obs_shape, n_actions)
-        truth_residual = stepper.ego_residual_m(truth.states, truth.actions, truth.next_states)
+        truth_residual = residual_of(truth.states, truth.actions, truth.next_states)
         recs: dict[str, tuple[Reconstruction, np.ndarray]] = {}
         for name in cfg.attack.attacks:
             attack = make_attack(name, iterations=cfg.attack.iterations, restarts=cfg.attack.restarts, lr=cfg.attack.lr, weights=cfg.attack.weights)
             rec = attack.run(inp, derive_seed(cfg.seed, "attack", name, view.round, view.client))
-            m, perm = score(truth, rec.states, rec.actions, rec.rewards, rec.next_states, codec)
-            residual = stepper.ego_residual_m(rec.states[perm], rec.actions[perm], rec.next_states[perm])
-            m["dyn_residual_m"] = float(np.median(residual))
-            m["dyn_residual_truth_m"] = float(np.median(truth_residual))
+            m, perm = score_any(truth, rec, codec)
+            m["dyn_residual" + suffix] = residual_of(rec.states[perm], rec.actions[perm], rec.next_states[perm])
+            m["dyn_residual_truth" + suffix] = truth_residual
             m["grad_distance"] = rec.grad_distance
             rows.append({"attack": name, "client": view.client, "round": view.round, "seed": cfg.seed, "batch_size": view.batch_size, "local_steps": inp.local_steps, **m})
             timings.append({"attack": name, "client": view.client, "round": view.round, "seed": cfg.seed, "time_s": rec.time_s})
@@ -188,35 +304,39 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True) -> RunRes
             bar.update(1)
         scenes.append((view, truth, recs))
     bar.close()
-    stepper.env.close()
+    residual_of.close()
 
-    metrics = pd.DataFrame(rows, columns=["attack", "client", "round", "seed", "batch_size", "local_steps", *METRIC_COLUMNS])
+    metrics = pd.DataFrame(rows, columns=["attack", "client", "round", "seed", "batch_size", "local_steps", *columns])
     metrics.to_csv(work / "metrics.csv", index=False, float_format="%.6g")
     pd.DataFrame(timings).to_csv(work / "timings.csv", index=False, float_format="%.4g")
     (work / "attacker.json").write_text(json.dumps({"dynamics_prior": dyn_stats}, indent=2))
 
-    summary = _write_report(cfg, work, metrics, pd.DataFrame(timings), scenes, road, codec, names, command, progress)
+    summary = _write_report(cfg, work, metrics, pd.DataFrame(timings), scenes, road, codec, names, command, progress, columns)
     shutil.move(str(work), str(final_dir))
     return RunResult(final_dir, metrics, summary)
 
 
-def _write_report(cfg, work, metrics, timings, scenes, road, codec, names, command: str, progress: bool) -> pd.DataFrame:
+def _write_report(cfg, work, metrics, timings, scenes, road, codec, names, command: str, progress: bool, columns: list[str]) -> pd.DataFrame:
     from drivepriv.report import ReportContext, SceneBatch, draw_batch_figure, render_report, summarise, write_replay_video
 
     batches = []
     for k, (view, truth, recs) in enumerate(tqdm(scenes, desc="report", unit="batch", disable=not progress, leave=False)):
         label = f"client {view.client} · round {view.round}"
+        stem = f"c{view.client}-r{view.round}"
+        if codec.kind == "vector":
+            batches.append(_vector_media(cfg, work, stem, label, truth, recs, codec, with_video=k < cfg.report.videos))
+            continue
         scene = SceneBatch(
             label=label,
             features=codec.features,
             truth_states=codec.decode_world(truth.states),
             truth_next_states=codec.decode_world(truth.next_states),
             recon={n: (codec.decode_world(r.states[p]), codec.decode_world(r.next_states[p])) for n, (r, p) in recs.items()},
-            actions=truth.actions,
-            recon_actions={n: r.actions[p] for n, (r, p) in recs.items()},
+            # continuous actions have no names to caption
+            actions=truth.actions if np.ndim(truth.actions) == 1 else None,
+            recon_actions={n: r.actions[p] for n, (r, p) in recs.items()} if np.ndim(truth.actions) == 1 else {},
             action_names=names,
         )
-        stem = f"c{view.client}-r{view.round}"
         fig = draw_batch_figure(scene, road, work / "figures" / f"{stem}.png") if cfg.report.figures else None
         vid = write_replay_video(scene, road, work / "videos" / f"{stem}.mp4", fps=cfg.report.fps) if k < cfg.report.videos else None
         batches.append(
@@ -227,7 +347,7 @@ def _write_report(cfg, work, metrics, timings, scenes, road, codec, names, comma
             }
         )
     with_time = metrics.merge(timings, on=["attack", "client", "round", "seed"])
-    summary = summarise(with_time, group="attack", metrics=[*METRIC_COLUMNS, "time_s"])
+    summary = summarise(with_time, group="attack", metrics=[*columns, "time_s"])
     fed = cfg.federation
     context = ReportContext(
         title=f"drivepriv · {cfg.name}",
@@ -237,6 +357,7 @@ def _write_report(cfg, work, metrics, timings, scenes, road, codec, names, comma
             "environment": cfg.env.id,
             "federation": f"{fed.clients} clients, {fed.rounds} rounds, {fed.strategy}, batch {fed.batch_size}",
             "local algorithm": f"{cfg.agent.algorithm} (gamma {fed.gamma}, lr {fed.lr})",
+            "simulator": f"{cfg.env.backend} ({cfg.env.id})",
             "attacks": ", ".join(cfg.attack.attacks),
             "attacked": f"rounds {sorted({r % fed.rounds for r in cfg.attack.rounds})}, clients {cfg.attack.clients or 'all'}",
             "attack budget": f"{cfg.attack.iterations} iterations x {cfg.attack.restarts} restarts",
@@ -244,7 +365,7 @@ def _write_report(cfg, work, metrics, timings, scenes, road, codec, names, comma
         },
         threat_model=THREAT_MODEL,
         summary=summary,
-        metric_help=METRIC_HELP | {"time_s": "wall time of the attack (s)"},
+        metric_help=metric_help(codec),
         batches=batches,
         reproducibility={
             "command": command or f"drivepriv eval --scenario {cfg.name} --seed {cfg.seed}",
@@ -258,9 +379,35 @@ def _write_report(cfg, work, metrics, timings, scenes, road, codec, names, comma
     return summary
 
 
+def _vector_media(cfg, work: Path, stem: str, label: str, truth: Truth, recs, codec, with_video: bool) -> dict:
+    """Figure (and, for MetaDrive, a video) of one attacked batch of flat observations."""
+    fig = vid = None
+    rec_states = {n: r.states[p] for n, (r, p) in recs.items()}
+    if cfg.env.backend == "metadrive":
+        from drivepriv.report.metadrive import draw_lidar_scene, write_lidar_video
+
+        if cfg.report.figures:
+            import imageio.v3 as iio
+
+            fig = work / "figures" / f"{stem}.png"
+            fig.parent.mkdir(parents=True, exist_ok=True)
+            iio.imwrite(fig, draw_lidar_scene(truth.states[0], {n: s[0] for n, s in rec_states.items()}, codec, title=label))
+        if with_video:
+            vid = write_lidar_video(truth.states, rec_states, codec, work / "videos" / f"{stem}.mp4", fps=max(1, cfg.report.fps // 8))
+    elif cfg.report.figures:
+        from drivepriv.report.vector import draw_vector_figure
+
+        fig = draw_vector_figure(truth.states, truth.next_states, {n: (r.states[p], r.next_states[p]) for n, (r, p) in recs.items()}, codec, work / "figures" / f"{stem}.png", title=label)
+    return {"label": label, "figure": str(fig.relative_to(work)) if fig else None, "video": str(vid.relative_to(work)) if vid else None}
+
+
 def tidy_summary(metrics: pd.DataFrame) -> pd.DataFrame:
     """Median of the headline metrics per attack, for the terminal."""
     cols = ["ego_pos_err_m", "ego_speed_err_mps", "neighbour_pos_err_m", "action_acc", "reward_abs_err", "next_state_err_m", "dyn_residual_m", "dyn_residual_truth_m"]
+    if "state_rmse" in metrics.columns:  # flat observations (MetaDrive, control tasks)
+        skip = {"attack", "client", "round", "seed", "batch_size", "local_steps", "grad_distance"}
+        cols = [c for c in metrics.columns if c not in skip][:9]
+    cols = [("action_abs_err" if c == "action_acc" and "action_acc" not in metrics.columns else c) for c in cols]
     out = metrics.groupby("attack", sort=False)[cols].median()
     out.insert(0, "n", metrics.groupby("attack", sort=False).size())
     return out

@@ -8,7 +8,11 @@ settings with that batch size; --set overrides them) and the last round's FedSGD
 its clients are attacked by every attack, so all attacks see the same gradients. Writes
 <out>/attacks.csv (one row per scenario x batch size x attack x seed x client) and
 <out>/attacks.md (median over seeds and clients, with the 25th-75th percentile of the ego
-position error), and prints the table.
+position error; for flat observations, MetaDrive and control tasks, of the state RMSE, with
+the dynamics residual: the simulator stepped from the reconstructed (s, a) against the
+reconstructed s'), and prints the tables. An attack written ``rgia[dynamics=0]`` is rgia with
+that regularizer weight changed (an ablation row). Rows are appended to
+<out>/attacks.partial.<scenario>.csv as they come.
 """
 
 from __future__ import annotations
@@ -22,12 +26,23 @@ import pandas as pd
 from drivepriv.attacks import make_attack
 from drivepriv.config import apply_overrides, parse_override
 from drivepriv.federation.inprocess import resolve_attacked, run_federation
-from drivepriv.metrics.scores import score
-from drivepriv.pipeline import _truth, attack_input, build_priors
+from drivepriv.pipeline import DynamicsResidual, _truth, attack_input, build_priors, score_any
 from drivepriv.scenarios import load_scenario
 from drivepriv.seeding import derive_seed
 
 SMALL_FEDERATION = {"federation.clients": 2, "federation.rounds": 3, "attack.rounds": [-1]}
+
+
+def parse_variant(name: str, weights: dict[str, float]) -> tuple[str, dict[str, float]]:
+    """``rgia[dynamics=0]`` -> ("rgia", weights with dynamics 0): an ablation row of its own."""
+    if "[" not in name:
+        return name, weights
+    base, rest = name.split("[", 1)
+    out = dict(weights)
+    for item in rest.rstrip("]").split(","):
+        key, value = item.split("=")
+        out[key.strip()] = float(value)
+    return base, out
 
 
 def run(args: argparse.Namespace, partial: Path) -> pd.DataFrame:
@@ -46,22 +61,66 @@ def run(args: argparse.Namespace, partial: Path) -> pd.DataFrame:
                 priors = priors_by_seed[seed]
                 fed = run_federation(cfg, resolve_attacked(cfg), progress=False)
                 codec = priors.codec
+                residual_of = DynamicsResidual(cfg, codec)
                 for view in fed.views:
                     truth = _truth(fed.truths[(view.round, view.client)])
-                    inp = attack_input(fed.model, view, priors, (codec.vehicles_count, codec.n_features), fed.model.n_actions)
+                    inp = attack_input(fed.model, view, priors, tuple(codec.obs_shape), fed.model.n_actions)
+                    truth_residual = residual_of(truth.states, truth.actions, truth.next_states)
                     for name in args.attacks:
                         a = cfg.attack
-                        rec = make_attack(name, iterations=a.iterations, restarts=a.restarts, lr=a.lr, weights=a.weights).run(
-                            inp, derive_seed(seed, "bench", name, b, view.client)
+                        base, weights = parse_variant(name, a.weights)
+                        rec = make_attack(base, iterations=a.iterations, restarts=a.restarts, lr=a.lr, weights=weights).run(
+                            inp, derive_seed(seed, "bench", base, b, view.client)
                         )
-                        m, _ = score(truth, rec.states, rec.actions, rec.rewards, rec.next_states, codec)
+                        m, perm = score_any(truth, rec, codec)
+                        m["dyn_residual"] = residual_of(rec.states[perm], rec.actions[perm], rec.next_states[perm])
+                        m["dyn_residual_truth"] = truth_residual
                         rows.append({"scenario": scenario, "batch_size": b, "attack": name, "seed": seed, "client": view.client, **m, "time_s": rec.time_s})
-                        pd.DataFrame(rows[-1:]).to_csv(partial, mode="a", header=len(rows) == 1, index=False)
-                        print(f"{scenario} B={b} seed={seed} client={view.client} {name}: ego {m['ego_pos_err_m']:.3g} m, {rec.time_s:.1f} s", file=sys.stderr)
+                        part = partial.with_name(f"{partial.stem}.{scenario}.csv")  # columns differ by scenario
+                        pd.DataFrame(rows[-1:]).to_csv(part, mode="a", header=not part.exists(), index=False)
+                        head = "ego_pos_err_m" if "ego_pos_err_m" in m else "state_rmse"
+                        print(f"{scenario} B={b} seed={seed} client={view.client} {name}: {head} {m[head]:.3g}, {rec.time_s:.1f} s", file=sys.stderr)
+                residual_of.close()
     return pd.DataFrame(rows)
 
 
 def table(df: pd.DataFrame) -> str:
+    """Markdown tables: driving scenarios with the Kinematics observation (metres), then the
+    scenarios with flat observations (MetaDrive, control tasks: observation units and the
+    dynamics residual)."""
+    parts = []
+    if "ego_pos_err_m" in df.columns and df["ego_pos_err_m"].notna().any():
+        parts.append(_kinematics_table(df[df["ego_pos_err_m"].notna()]))
+    if "state_rmse" in df.columns and df["state_rmse"].notna().any():
+        parts.append(_vector_table(df[df["state_rmse"].notna()]))
+    return "\n\n".join(parts)
+
+
+def _q(x: pd.Series) -> str:
+    return f"{x.median():.3g} [{x.quantile(0.25):.3g}, {x.quantile(0.75):.3g}]"
+
+
+def _vector_table(df: pd.DataFrame) -> str:
+    lines = [
+        "| scenario | B | attack | state RMSE [p25, p75] | next state RMSE | dynamics residual (truth) | reward err. | action | time (s) | seeds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    order = {s: i for i, s in enumerate(pd.unique(df["scenario"]))}
+    df = df.assign(_order=df["scenario"].map(order)).sort_values(["_order", "batch_size"], kind="stable")
+    for (scenario, b, attack), g in df.groupby(["scenario", "batch_size", "attack"], sort=False):
+        if "action_acc" in g and g["action_acc"].notna().any():
+            action = f"acc. {g['action_acc'].mean():.2f}"
+        else:
+            action = f"abs. err. {g['action_abs_err'].median():.3g}"
+        lines.append(
+            f"| {scenario} | {b} | {attack} | {_q(g['state_rmse'])} | {g['next_state_rmse'].median():.3g} | "
+            f"{g['dyn_residual'].median():.3g} ({g['dyn_residual_truth'].median():.2g}) | {g['reward_abs_err'].median():.3g} | "
+            f"{action} | {g['time_s'].median():.2f} | {','.join(str(s) for s in sorted(g['seed'].unique()))} |"
+        )
+    return "\n".join(lines)
+
+
+def _kinematics_table(df: pd.DataFrame) -> str:
     lines = [
         "| scenario | B | attack | ego position (m) [p25, p75] | within 1 m | neighbours (m) | next state (m) | reward err. | action acc. | time (s) | seeds |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -95,9 +154,11 @@ def main() -> int:
         df = pd.concat([pd.read_csv(f) for f in args.tables_from], ignore_index=True)
     else:
         partial = out / "attacks.partial.csv"
-        partial.unlink(missing_ok=True)
+        for old in out.glob("attacks.partial.*.csv"):
+            old.unlink()
         df = run(args, partial)
-        partial.unlink()
+        for done in out.glob("attacks.partial.*.csv"):
+            done.unlink()
     df.to_csv(out / "attacks.csv", index=False)
     md = table(df)
     (out / "attacks.md").write_text(md + "\n")

@@ -23,7 +23,7 @@ from drivepriv.attacks.engine import EngineSettings, run_engine
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_codec, make_env
 from drivepriv.priors.dynamics import LearnedDynamics
-from drivepriv.priors.reward import make_reward
+from drivepriv.priors.reward import ObservationReward, make_reward
 from drivepriv.priors.road import RoadGeometry
 from drivepriv.priors.state import state_penalty
 
@@ -55,7 +55,7 @@ def merge_input(batch_size: int = 8) -> AttackInput:
     priors = Priors(
         codec=codec,
         road=road,
-        reward=make_reward(cfg.env, env),
+        reward=ObservationReward(make_reward(cfg.env, env), codec),
         dynamics=LearnedDynamics((5, 7), 5, [256, 256]).requires_grad_(False),
         state_penalty=lambda o: state_penalty(o, codec, road),
         prior_states=np.array(S[batch_size:]),

@@ -17,11 +17,14 @@ from torch import Tensor, nn
 from drivepriv.agents.dqn import DQNLossSpec
 from drivepriv.agents.ppo import PPOLossSpec
 from drivepriv.envs.codec import ObservationCodec
+from drivepriv.envs.vector import VectorCodec
 from drivepriv.registry import Registry
 
 
 class RewardPrior(Protocol):
-    def __call__(self, next_world: Tensor, action_probs: Tensor, done: Tensor) -> Tensor: ...
+    """``r(s, a, s', done)`` on observations (N, *obs_shape), actions (N, A) and dones (N,)."""
+
+    def __call__(self, states: Tensor, actions: Tensor, next_states: Tensor, dones: Tensor) -> Tensor: ...
 
 
 @dataclass
@@ -33,7 +36,7 @@ class Priors:
     rollouts of the public simulator (used to initialise the optimisation).
     """
 
-    codec: ObservationCodec
+    codec: ObservationCodec | VectorCodec
     road: object | None = None
     reward: RewardPrior | None = None
     dynamics: nn.Module | None = None
@@ -52,16 +55,21 @@ class AttackInput:
     target_params: dict[str, Tensor]
     #: FedSGD: the gradient. FedAvg: -delta / lr, the sum of the K local gradients (exact for K=1).
     gradient: tuple[Tensor, ...]
-    loss: DQNLossSpec | PPOLossSpec
+    loss: DQNLossSpec | PPOLossSpec  # or any LossSpec (TD3LossSpec): discrete is its action kind
     batch_size: int  # transitions per local step
-    obs_shape: tuple[int, int]
-    n_actions: int  # actions (a PPO network has one output more: the value)
+    obs_shape: tuple[int, ...]
+    n_actions: int  # discrete: actions; continuous: action dimension (a PPO network has one output more: the value)
     priors: Priors
     #: FedAvg with K > 1 local SGD steps: the observed parameter delta and the local step size;
     #: the engine then unrolls the K steps on K dummy minibatches.
     local_steps: int = 1
     local_lr: float = 0.0
     delta: tuple[Tensor, ...] | None = None
+
+    @property
+    def continuous(self) -> bool:
+        """Continuous actions: the batch's actions are (B, d) values, not (B, A) probabilities."""
+        return not getattr(self.loss, "discrete", True)
 
     @property
     def n_transitions(self) -> int:
@@ -74,8 +82,8 @@ class Reconstruction:
     """A reconstructed minibatch in observation space, and what it cost."""
 
     attack: str
-    states: np.ndarray  # (B, V, F) normalised
-    action_probs: np.ndarray  # (B, A)
+    states: np.ndarray  # (B, *obs_shape) as observed
+    action_probs: np.ndarray  # (B, A) probabilities; continuous actions: (B, d) values
     rewards: np.ndarray  # (B,)
     next_states: np.ndarray  # (B, V, F) normalised
     dones: np.ndarray  # (B,)
@@ -83,10 +91,12 @@ class Reconstruction:
     grad_distance: float = float("nan")
     time_s: float = float("nan")
     extra: dict[str, float] = field(default_factory=dict)
+    continuous: bool = False
 
     @property
     def actions(self) -> np.ndarray:
-        return self.action_probs.argmax(-1)
+        """(B,) action indices, or the (B, d) action values of continuous actions."""
+        return self.action_probs if self.continuous else self.action_probs.argmax(-1)
 
 
 class Attack:
@@ -94,6 +104,8 @@ class Attack:
 
     name: str = ""
     summary: str = ""
+    #: False where the attack reads discrete actions off the last layer (analytic, iDLG, rgia-k).
+    continuous_actions: bool = True
 
     def __init__(self, **settings: object) -> None:
         self.settings = settings

@@ -33,6 +33,7 @@ class AnalyticAttack(Attack):
     """
 
     name = "analytic"
+    continuous_actions = False
     summary = "closed form: first-layer input from weight/bias gradients, action and TD target from the last layer"
 
     def run(self, inp: AttackInput, seed: int) -> Reconstruction:
@@ -98,7 +99,7 @@ def complete_from_states(inp: AttackInput, states: np.ndarray, name: str) -> Rec
         if inp.priors.reward is not None and bool(saturated.any()):
             # where the TD error saturates the Huber loss, the target is unknown: take the
             # reward the scenario's reward function gives the predicted next state
-            prior_r = inp.priors.reward(inp.priors.codec.decode_world(next_states), probs, dones).float()
+            prior_r = inp.priors.reward(x, probs, next_states, dones).float()
             rewards = torch.where(saturated, prior_r, rewards)
     batch = Batch(x, probs, rewards, next_states, dones)
     p = {k: v.detach().requires_grad_(True) for k, v in inp.params.items()}
@@ -213,6 +214,7 @@ class IDLGAttack(_EngineAttack):
     gradient is the one whose sign differs from all others. Baseline."""
 
     name = "idlg"
+    continuous_actions = False
     summary = "iDLG: DLG with the action recovered from the last layer's gradient first (baseline)"
 
     def engine_settings(self, inp: AttackInput) -> EngineSettings:
@@ -284,6 +286,7 @@ class RGIAKAttack(RGIAAttack):
     and kinematic regularizers, the states confined to the first-layer gradient's subspace."""
 
     name = "rgia-k"
+    continuous_actions = False
     summary = "drivepriv: states from every layer's gradient row space, closed-form rest, RGIA refinement with road and kinematic priors"
 
     def weights(self, inp: AttackInput) -> dict[str, float]:

@@ -86,18 +86,23 @@ class StateSubspace:
 
 @dataclass
 class _Vars:
-    states: Tensor  # (R, B, V, F)
-    action_logits: Tensor  # (R, B, A)
+    states: Tensor  # (R, B, *obs_shape)
+    action_logits: Tensor  # (R, B, A) logits; continuous actions: (R, B, d) values
     rewards: Tensor  # (R, B)
-    next_states: Tensor  # (R, B, V, F)
+    next_states: Tensor  # (R, B, *obs_shape)
     done_logits: Tensor  # (R, B)
 
     def tensors(self) -> list[Tensor]:
         return [self.states, self.action_logits, self.rewards, self.next_states, self.done_logits]
 
 
-def _decode(v: _Vars, fixed_actions: Tensor | None, space: StateSubspace | None, obs_shape: tuple[int, int]) -> Batch:
-    actions = fixed_actions.expand_as(v.action_logits) if fixed_actions is not None else torch.softmax(v.action_logits, -1)
+def _decode(v: _Vars, fixed_actions: Tensor | None, space: StateSubspace | None, obs_shape: tuple[int, ...], continuous: bool = False) -> Batch:
+    if fixed_actions is not None:
+        actions = fixed_actions.expand_as(v.action_logits)
+    elif continuous:
+        actions = v.action_logits
+    else:
+        actions = torch.softmax(v.action_logits, -1)
     states = v.states if space is None else space.to_states(v.states).reshape(*v.states.shape[:2], *obs_shape)
     return Batch(states, actions, v.rewards, v.next_states, torch.sigmoid(v.done_logits))
 
@@ -111,7 +116,7 @@ def first_layer_subspace(inp: AttackInput) -> StateSubspace:
 
 def _init_vars(inp: AttackInput, s: EngineSettings, gen: torch.Generator) -> _Vars:
     R, B, A = s.restarts, inp.n_transitions, inp.n_actions
-    V, F = inp.obs_shape
+    shape = tuple(inp.obs_shape)
     prior = inp.priors.prior_states
     if s.init == "prior" and prior is not None and len(prior) > 0:
         idx = torch.randint(len(prior), (R, B), generator=gen)
@@ -119,8 +124,8 @@ def _init_vars(inp: AttackInput, s: EngineSettings, gen: torch.Generator) -> _Va
         idx2 = torch.randint(len(prior), (R, B), generator=gen)
         next_states = torch.as_tensor(prior)[idx2].clone()
     else:
-        states = torch.randn(R, B, V, F, generator=gen)
-        next_states = torch.randn(R, B, V, F, generator=gen)
+        states = torch.randn(R, B, *shape, generator=gen)
+        next_states = torch.randn(R, B, *shape, generator=gen)
     v = _Vars(
         states=states,
         action_logits=0.1 * torch.randn(R, B, A, generator=gen),
@@ -130,11 +135,12 @@ def _init_vars(inp: AttackInput, s: EngineSettings, gen: torch.Generator) -> _Va
     )
     if s.init_from is not None:
         rec = s.init_from
-        noise = s.init_noise * torch.randn(R, B, V, F, generator=gen)
+        noise = s.init_noise * torch.randn(R, B, *shape, generator=gen)
         noise[0] = 0.0
-        v.states = torch.as_tensor(rec.states).expand(R, B, V, F) + noise
-        v.next_states = torch.as_tensor(rec.next_states).expand(R, B, V, F).clone()
-        v.action_logits = torch.log(torch.as_tensor(rec.action_probs).clamp_min(1e-3)).expand(R, B, A).clone()
+        v.states = torch.as_tensor(rec.states).expand(R, B, *shape) + noise
+        v.next_states = torch.as_tensor(rec.next_states).expand(R, B, *shape).clone()
+        acts = torch.as_tensor(rec.action_probs)
+        v.action_logits = (acts if inp.continuous else torch.log(acts.clamp_min(1e-3))).expand(R, B, A).clone()
         v.rewards = torch.as_tensor(rec.rewards).expand(R, B).clone()
         v.done_logits = torch.logit(torch.as_tensor(rec.dones).clamp(1e-3, 1 - 1e-3)).expand(R, B).clone()
     return v
@@ -171,7 +177,9 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str)
     for t in v.tensors():
         t.requires_grad_(True)
     fixed = None
-    if settings.fixed_actions is not None:
+    continuous = inp.continuous
+    low, high = (torch.as_tensor(x) for x in inp.priors.codec.box())
+    if settings.fixed_actions is not None and not continuous:
         fixed = torch.nn.functional.one_hot(torch.as_tensor(settings.fixed_actions), inp.n_actions).float()
 
     target_grad = tuple(t.detach() for t in (inp.delta if inp.local_steps > 1 else inp.gradient))
@@ -180,7 +188,7 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str)
     regs = {k: REGULARIZERS.get(k) for k in active}
 
     def objective() -> tuple[Tensor, Tensor]:
-        b = _decode(v, fixed, space, inp.obs_shape)
+        b = _decode(v, fixed, space, inp.obs_shape, continuous)
         g = batched_gradient(b.states, b.actions, b.rewards, b.next_states, b.dones)
         dist = gradient_distance(g, target_grad, settings.distance)
         total = dist
@@ -218,7 +226,7 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str)
         for _ in range(max(1, settings.iterations // 20)):
             opt.step(closure)
             if settings.box:
-                _project(v, project_states=space is None)
+                _project(v, low, high, project_states=space is None)
             with torch.no_grad():
                 remember(objective()[0])
     else:
@@ -234,7 +242,7 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str)
             opt.step()
             sched.step()
             if settings.box:
-                _project(v, project_states=space is None)
+                _project(v, low, high, project_states=space is None)
 
     with torch.no_grad():
         remember(objective()[0])
@@ -243,7 +251,7 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str)
         total, dist = objective()
         total = torch.where(torch.isfinite(total), total, torch.full_like(total, float("inf")))
         best = int(total.argmin())
-        b = _decode(v, fixed, space, inp.obs_shape)
+        b = _decode(v, fixed, space, inp.obs_shape, continuous)
     return Reconstruction(
         attack=name,
         states=b.states[best].detach().numpy().copy(),
@@ -255,11 +263,13 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str)
         grad_distance=float(dist[best]),
         time_s=time.perf_counter() - t0,
         extra={"restarts": float(settings.restarts)},
+        continuous=continuous,
     )
 
 
 @torch.no_grad()
-def _project(v: _Vars, project_states: bool = True) -> None:
+def _project(v: _Vars, low: Tensor, high: Tensor, project_states: bool = True) -> None:
+    """Project states and next states into the observation's box (the codec's ``box()``)."""
     if project_states:
-        v.states.clamp_(-1.0, 1.0)
-    v.next_states.clamp_(-1.0, 1.0)
+        v.states.copy_(torch.maximum(torch.minimum(v.states, high), low))
+    v.next_states.copy_(torch.maximum(torch.minimum(v.next_states, high), low))

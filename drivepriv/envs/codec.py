@@ -30,9 +30,37 @@ class ObservationCodec:
     vehicles_count: int
     ranges: dict[str, tuple[float, float]]
 
+    kind = "kinematics"
+
     @property
     def n_features(self) -> int:
         return len(self.features)
+
+    @property
+    def obs_shape(self) -> tuple[int, int]:
+        return (self.vehicles_count, self.n_features)
+
+    def box(self) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) of every observation element: the observation is clipped to [-1, 1]."""
+        return -np.ones(self.obs_shape, dtype=np.float32), np.ones(self.obs_shape, dtype=np.float32)
+
+    #: Physical features the transition distance compares, with their weight (headings x10:
+    #: a unit of cos/sin is as wrong as 10 m).
+    TRANSITION_FEATURES = {"x": 1.0, "y": 1.0, "vx": 1.0, "vy": 1.0, "cos_h": 10.0, "sin_h": 10.0}
+
+    def transition_distance(self, pred: Array, actual: Array) -> Array:
+        """Squared distance (N,) between predicted and actual next observations (N, V, F):
+        per row, the weighted squared error in m and m/s summed over features, averaged over
+        rows, plus the squared presence error."""
+        import torch
+
+        p, a = self.to_physical(pred), self.to_physical(actual)
+        idx = [self.index(f) for f in self.TRANSITION_FEATURES if f in self.features]
+        w = torch.tensor([self.TRANSITION_FEATURES[self.features[i]] for i in idx], dtype=pred.dtype)
+        diff = ((a[..., idx] - p[..., idx]) * w) ** 2
+        pres = self.index("presence")
+        presence_err = (actual[..., pres] - pred[..., pres]) ** 2
+        return diff.sum(-1).mean(-1) + presence_err.mean(-1)
 
     @property
     def obs_dim(self) -> int:

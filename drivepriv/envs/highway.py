@@ -15,6 +15,7 @@ import gymnasium as gym  # noqa: E402
 
 from drivepriv.config import EnvConfig  # noqa: E402
 from drivepriv.envs.codec import ObservationCodec  # noqa: E402
+from drivepriv.envs.vector import VectorCodec, VectorFeature  # noqa: E402
 from drivepriv.errors import ConfigError, did_you_mean  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,25 @@ def observation_config(cfg: EnvConfig) -> dict[str, Any]:
     }
 
 
-def make_codec(cfg: EnvConfig) -> ObservationCodec:
+#: highway-env's KinematicsGoal scales (parking): x, y in 100 m, vx, vy in 5 m/s, headings unscaled.
+_GOAL_FEATURES = (("x", "m", 100.0), ("y", "m", 100.0), ("vx", "m/s", 5.0), ("vy", "m/s", 5.0), ("cos_h", "", 1.0), ("sin_h", "", 1.0))
+
+
+def goal_codec() -> VectorCodec:
+    """The flattened KinematicsGoal observation: achieved goal, desired goal, observation (the
+    order of gymnasium's sorted Dict keys), each x, y, vx, vy, cos_h, sin_h."""
+    feats = []
+    for part in ("achieved", "desired", "ego"):
+        for name, unit, scale in _GOAL_FEATURES:
+            group = f"{part}_{'position' if name in ('x', 'y') else 'velocity' if name in ('vx', 'vy') else 'heading'}"
+            feats.append(VectorFeature(f"{part}_{name}", unit, scale, group=group))
+    return VectorCodec(tuple(feats))
+
+
+def make_codec(cfg: EnvConfig) -> ObservationCodec | VectorCodec:
     obs = cfg.observation
+    if obs.type == "KinematicsGoal":
+        return goal_codec()
     return ObservationCodec(
         features=tuple(obs.features),
         vehicles_count=obs.vehicles_count,
@@ -75,13 +93,18 @@ def make_env(cfg: EnvConfig, render_mode: str | None = None) -> gym.Env:
                 f"env.config: unknown highway-env key '{key}' for {cfg.id}.{did_you_mean(key, defaults)} "
                 f"Known keys: {', '.join(sorted(defaults))}."
             )
-    config = {**cfg.config, "observation": observation_config(cfg)}
+    goal = cfg.observation.type == "KinematicsGoal"
+    if goal and defaults.get("observation", {}).get("type") != "KinematicsGoal":
+        raise ConfigError(f"env.observation.type: KinematicsGoal is the goal observation of parking-v0, not of {cfg.id}")
+    config = dict(cfg.config) if goal else {**cfg.config, "observation": observation_config(cfg)}
     kwargs: dict[str, Any] = {"config": config, "render_mode": render_mode}
     if cfg.max_episode_steps:
         kwargs["max_episode_steps"] = cfg.max_episode_steps
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # v0 ids are marked out of date; they still work
         env = gym.make(cfg.id, **kwargs)
+    if goal:
+        env = gym.wrappers.FlattenObservation(env)
     return env
 
 

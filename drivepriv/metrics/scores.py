@@ -118,7 +118,11 @@ def score(truth: Truth, rec_states: np.ndarray, rec_actions: np.ndarray, rec_rew
         "ego_speed_err_mps": float(np.median(speed_err)),
         "neighbour_pos_err_m": neigh_err,
         "presence_acc": presence_acc,
-        "action_acc": float((ra == truth.actions).mean()),
+        **(
+            {"action_abs_err": float(np.mean(np.abs(ra - truth.actions)))}
+            if np.ndim(truth.actions) == 2
+            else {"action_acc": float((ra == truth.actions).mean())}
+        ),
         "reward_abs_err": float(np.mean(np.abs(rr - truth.rewards))),
         "next_state_err_m": _present_position_error(tn, rnw, codec),
     }

@@ -459,3 +459,15 @@ def make_reward(env_cfg: EnvConfig, env) -> RewardFunction | None:
     cls = REWARDS.get(env_cfg.id)
     road = RoadGeometry.from_env(env)
     return cls(make_codec(env_cfg), road, env.unwrapped.config)
+
+
+class ObservationReward:
+    """A scenario's reward as a prior on observations: ``r(s, a, s', done)`` (normalised
+    Kinematics observations), the reward function applied to the decoded next state."""
+
+    def __init__(self, reward: RewardFunction, codec) -> None:
+        self.reward = reward
+        self.codec = codec
+
+    def __call__(self, states, action_probs, next_states, dones):
+        return self.reward(self.codec.decode_world(next_states), action_probs, dones)

@@ -84,3 +84,11 @@ def state_penalty(obs: Tensor, codec: ObservationCodec, road: RoadGeometry | Non
     The sum of :func:`state_penalty_terms` (see the module docstring for each term and its unit).
     """
     return sum(state_penalty_terms(obs, codec, road).values())
+
+
+def box_penalty(obs: Tensor, codec) -> Tensor:
+    """(N,) squared violation of the codec's observation box (flat observations without
+    a richer feasibility model)."""
+    lo, hi = (torch.as_tensor(x, dtype=obs.dtype) for x in codec.box())
+    flat = obs.reshape(obs.shape[0], -1)
+    return (torch.relu(lo.reshape(-1) - flat) ** 2 + torch.relu(flat - hi.reshape(-1)) ** 2).sum(-1)
