@@ -15,19 +15,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from drivepriv.agents.nets import mlp
+
 
 class QNetwork(nn.Module):
     """MLP Q-network on the flattened observation; the first layer is ``nn.Linear`` with bias."""
 
     def __init__(self, obs_dim: int, n_actions: int, hidden_sizes: list[int]) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        width = obs_dim
-        for h in hidden_sizes:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        layers.append(nn.Linear(width, n_actions))
-        self.net = nn.Sequential(*layers)
+        self.net = mlp(obs_dim, hidden_sizes, n_actions)
         self.obs_dim = obs_dim
         self.n_actions = n_actions
 

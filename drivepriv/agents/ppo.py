@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from drivepriv.agents.dqn import Batch
+from drivepriv.agents.nets import mlp
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -41,13 +42,7 @@ class ActorCritic(nn.Module):
 
     def __init__(self, obs_dim: int, n_actions: int, hidden_sizes: list[int], continuous: bool, log_std_init: float = -0.5) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        width = obs_dim
-        for h in hidden_sizes:
-            layers += [nn.Linear(width, h), nn.Tanh()]
-            width = h
-        layers.append(nn.Linear(width, n_actions + 1))
-        self.net = nn.Sequential(*layers)
+        self.net = mlp(obs_dim, hidden_sizes, n_actions + 1, activation=nn.Tanh)
         if continuous:
             self.log_std = nn.Parameter(torch.full((n_actions,), float(log_std_init)))
         self.obs_dim = obs_dim

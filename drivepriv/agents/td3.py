@@ -34,16 +34,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from drivepriv.agents.dqn import Batch
-
-
-def _mlp(in_dim: int, hidden_sizes: list[int], out_dim: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    width = in_dim
-    for h in hidden_sizes:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, out_dim))
-    return nn.Sequential(*layers)
+from drivepriv.agents.nets import mlp
 
 
 class TD3Net(nn.Module):
@@ -55,9 +46,9 @@ class TD3Net(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: list[int]) -> None:
         super().__init__()
-        self.actor = nn.Sequential(_mlp(obs_dim, hidden_sizes, act_dim), nn.Tanh())
-        self.q1 = _mlp(obs_dim + act_dim, hidden_sizes, 1)
-        self.q2 = _mlp(obs_dim + act_dim, hidden_sizes, 1)
+        self.actor = nn.Sequential(mlp(obs_dim, hidden_sizes, act_dim), nn.Tanh())
+        self.q1 = mlp(obs_dim + act_dim, hidden_sizes, 1)
+        self.q2 = mlp(obs_dim + act_dim, hidden_sizes, 1)
         self.obs_dim = obs_dim
         self.n_actions = act_dim
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from drivepriv.agents.nets import mlp
 from drivepriv.config import DynamicsPriorConfig, EnvConfig
 from drivepriv.envs import make_env
 from drivepriv.seeding import derive_seed, numpy_rng
@@ -88,13 +89,7 @@ class LearnedDynamics(nn.Module):
         self.obs_shape = tuple(obs_shape)
         self.n_actions = n_actions
         d = int(np.prod(obs_shape))
-        layers: list[nn.Module] = []
-        width = d + n_actions
-        for h in hidden_sizes:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        layers.append(nn.Linear(width, d))
-        self.net = nn.Sequential(*layers)
+        self.net = mlp(d + n_actions, hidden_sizes, d)
 
     def forward(self, states: Tensor, action_probs: Tensor) -> Tensor:
         """(B, *obs_shape), (B, A) probabilities or (B, d) values -> predicted next states."""
@@ -109,13 +104,7 @@ class LearnedReward(nn.Module):
     def __init__(self, obs_shape: tuple[int, ...], n_actions: int, hidden_sizes: list[int]) -> None:
         super().__init__()
         d = int(np.prod(obs_shape))
-        layers: list[nn.Module] = []
-        width = 2 * d + n_actions + 1
-        for h in hidden_sizes:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        layers.append(nn.Linear(width, 1))
-        self.net = nn.Sequential(*layers)
+        self.net = mlp(2 * d + n_actions + 1, hidden_sizes, 1)
 
     def forward(self, states: Tensor, actions: Tensor, next_states: Tensor, dones: Tensor) -> Tensor:
         n = states.shape[0]

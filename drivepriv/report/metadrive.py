@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from drivepriv.envs.vector import VectorCodec
+from drivepriv.report.plots import EGO_RGB, attack_rgb
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,9 @@ EGO_WIDTH_M = 2.0
 DEFAULT_HALF_VIEW_M = 52.0
 
 TRUTH_RGB = (30, 30, 30)
-RECON_RGB = ((214, 39, 40), (31, 119, 180), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75))
 ROAD_RGB = (90, 90, 90)
 LANE_RGB = (170, 170, 170)
 FAINT_RGB = (225, 225, 225)
-EGO_RGB = (0, 150, 110)
 
 
 def _feature(phys: np.ndarray, codec: VectorCodec, name: str) -> float | None:
@@ -148,7 +147,7 @@ def draw_lidar_scene(truth_obs: np.ndarray, recon_obs: dict[str, np.ndarray], co
         rec = np.asarray(rec).reshape(-1)
         if rec.shape[0] != codec.obs_dim:
             raise ValueError(f"draw_lidar_scene: reconstruction '{name}' has {rec.shape[0]} values, the codec {codec.obs_dim}")
-        panels.append((name, rec, RECON_RGB[k % len(RECON_RGB)]))
+        panels.append((name, rec, attack_rgb(k)))
     n = len(panels)
     width = n * PANEL_PX + (n - 1) * GAP_PX
     height = TITLE_H + PANEL_PX + CAPTION_H
