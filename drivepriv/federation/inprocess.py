@@ -127,7 +127,6 @@ def run_federation(cfg: RunConfig, attacked: set[tuple[int, int]], progress: boo
     target = copy.deepcopy(model)
     loss_spec = algorithm.loss_spec()
     # on-policy: the minibatch is drawn from the round's own rollout
-    recent = fed.env_steps_per_round if algorithm.on_policy else None
     if fed.server_optimizer == "adam":
         server_opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=fed.lr)
     else:
@@ -150,14 +149,14 @@ def run_federation(cfg: RunConfig, attacked: set[tuple[int, int]], progress: boo
             rng = numpy_rng(cfg.seed, "client", client.cid, "round", rnd, "minibatch")
             batches, origins = [], []
             if fed.strategy == "fedsgd":
-                batch, idx = client.buffer.sample(fed.batch_size, rng, recent=steps if recent else None)
+                batch, idx = client.buffer.sample(fed.batch_size, rng, recent=steps if algorithm.on_policy else None)
                 payload = loss_spec.gradient(model, params, target_params, batch)
                 batches.append(batch.numpy())
                 origins.append(client.buffer.origin[idx].copy())
             else:
                 local = {k: v.clone().requires_grad_(True) for k, v in params.items()}
                 for _ in range(fed.local_steps):
-                    batch, idx = client.buffer.sample(fed.batch_size, rng, recent=steps if recent else None)
+                    batch, idx = client.buffer.sample(fed.batch_size, rng, recent=steps if algorithm.on_policy else None)
                     grads = loss_spec.gradient(model, local, target_params, batch)
                     local = {k: (v - fed.lr * g).detach().requires_grad_(True) for (k, v), g in zip(local.items(), grads)}
                     batches.append(batch.numpy())
