@@ -219,9 +219,12 @@ class DynamicsResidual:
         if cfg.env.backend == "highway":
             from drivepriv.metrics.dynamics import SimulatorStepper
 
-            self.env = make_env(cfg.env)
-            if hasattr(self.env.action_space, "n"):
-                self.fn = SimulatorStepper(self.env, codec).ego_residual_m
+            env = make_env(cfg.env)
+            if hasattr(env.action_space, "n") and codec.kind == "kinematics":
+                self.env = env
+                self.fn = SimulatorStepper(env, codec).ego_residual_m
+            else:  # continuous actions or the goal observation: the stepper does not apply
+                env.close()
         elif cfg.env.backend == "control":
             from drivepriv.envs.control import ControlStepper
 
@@ -241,14 +244,15 @@ class DynamicsResidual:
 
 def action_labels(cfg: RunConfig) -> tuple[str, ...]:
     """Names of the discrete actions (highway-env's meta-actions), else their indices."""
+    if cfg.env.backend != "highway":  # no names; and a MetaDrive env costs a worker process
+        return ()
     env = make_env(cfg.env)
     try:
-        if cfg.env.backend == "highway" and hasattr(env.action_space, "n"):
+        if hasattr(env.action_space, "n"):
             from drivepriv.envs.highway import action_names
 
             return action_names(env)
-        n = getattr(env.action_space, "n", 0)
-        return tuple(str(i) for i in range(int(n)))
+        return ()
     finally:
         env.close()
 
