@@ -26,6 +26,7 @@ from drivepriv.errors import ConfigError
 from drivepriv.federation.inprocess import GroundTruth, ServerView, resolve_attacked, run_federation
 from drivepriv.metrics.scores import METRIC_HELP, Truth, score
 from drivepriv.metrics.vector import score_vector, vector_metric_columns, vector_metric_help
+from drivepriv.results import BatchRecord, save_batches
 from drivepriv.priors.dynamics import collect_rollouts, fit_dynamics, fit_reward
 from drivepriv.priors.physics import KinematicPrior
 from drivepriv.priors.reward import ObservationReward, make_reward
@@ -288,6 +289,7 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True) -> RunRes
     suffix = "_m" if codec.kind == "kinematics" else ""
 
     rows, timings, scenes = [], [], []
+    records: list[BatchRecord] = []
     views = sorted(fed.views, key=lambda v: (v.round, v.client))
     bar = tqdm(total=len(views) * len(cfg.attack.attacks), desc="attack", unit="attack", disable=not progress, leave=False)
     for view in views:
@@ -307,12 +309,23 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True) -> RunRes
             recs[name] = (rec, perm)
             bar.update(1)
         scenes.append((view, truth, recs))
+        gt = fed.truths[(view.round, view.client)]
+        records.append(
+            BatchRecord(
+                view.client,
+                view.round,
+                {"states": truth.states, "actions": truth.actions, "rewards": truth.rewards, "next_states": truth.next_states, "dones": truth.dones},
+                np.concatenate(gt.origins),
+                {n: {"states": r.states[p], "actions": r.actions[p], "rewards": r.rewards[p], "next_states": r.next_states[p]} for n, (r, p) in recs.items()},
+            )
+        )
     bar.close()
     residual_of.close()
 
     metrics = pd.DataFrame(rows, columns=["attack", "client", "round", "seed", "batch_size", "local_steps", *columns])
     metrics.to_csv(work / "metrics.csv", index=False, float_format="%.6g")
     pd.DataFrame(timings).to_csv(work / "timings.csv", index=False, float_format="%.4g")
+    save_batches(work, records)
     (work / "attacker.json").write_text(json.dumps({"dynamics_prior": dyn_stats}, indent=2))
 
     summary = _write_report(cfg, work, metrics, pd.DataFrame(timings), scenes, road, codec, names, command, progress, columns)

@@ -1,0 +1,96 @@
+"""A run's saved results: every attacked batch's true transitions and each attack's matched
+reconstruction, in one ``reconstructions.npz`` beside metrics.csv.
+
+The file lets ``drivepriv report RUN_DIR`` rebuild the report and ``drivepriv replay RUN_DIR``
+render the batches again without re-running anything. It is written by the evaluation (which
+holds the ground truth for its metrics), never read by an attack.
+
+Layout of the npz (observations as the agent saw them, normalised; reconstructions already
+permuted so row i is matched to true transition i):
+
+    batches                      (n, 2) int: client, round of each attacked batch, in order
+    b{k}/truth/{states,actions,rewards,next_states,dones}
+    b{k}/origins                 (B, 2) int: episode and step of each true transition
+    b{k}/recon/{attack}/{states,actions,rewards,next_states}
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from drivepriv.errors import ConfigError
+
+FILENAME = "reconstructions.npz"
+FIELDS = ("states", "actions", "rewards", "next_states")
+
+
+@dataclass
+class BatchRecord:
+    """One attacked update: the client's true transitions and every attack's matched reconstruction."""
+
+    client: int
+    round: int
+    #: states, actions, rewards, next_states, dones (actions: indices, or (B, d) values when continuous)
+    truth: dict[str, np.ndarray]
+    #: (B, 2): episode and step of each true transition within the client's experience
+    origins: np.ndarray
+    #: attack -> states, actions, rewards, next_states (row i matched to true transition i)
+    recon: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def stem(self) -> str:
+        """File-name stem of the batch's media (``c{client}-r{round}``)."""
+        return f"c{self.client}-r{self.round}"
+
+    @property
+    def label(self) -> str:
+        return f"client {self.client} · round {self.round}"
+
+
+def save_batches(run_dir: Path, records: list[BatchRecord]) -> Path:
+    """Write ``run_dir/reconstructions.npz`` (atomically: a temporary file, then renamed)."""
+    arrays: dict[str, np.ndarray] = {"batches": np.array([[r.client, r.round] for r in records], dtype=np.int64).reshape(-1, 2)}
+    for k, r in enumerate(records):
+        for name, a in r.truth.items():
+            arrays[f"b{k}/truth/{name}"] = np.asarray(a)
+        arrays[f"b{k}/origins"] = np.asarray(r.origins, dtype=np.int64)
+        for attack, rec in r.recon.items():
+            for name in FIELDS:
+                arrays[f"b{k}/recon/{attack}/{name}"] = np.asarray(rec[name])
+    path = Path(run_dir) / FILENAME
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def load_batches(run_dir: Path) -> list[BatchRecord]:
+    """Read the batches saved by :func:`save_batches`; a clear error if the file is missing or damaged."""
+    path = Path(run_dir) / FILENAME
+    if not path.is_file():
+        raise ConfigError(
+            f"{run_dir} has no {FILENAME}: it is not a drivepriv run folder, or the run was made by an older "
+            "drivepriv or did not finish; run `drivepriv eval` again"
+        )
+    try:
+        with np.load(path) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise ConfigError(f"{path} cannot be read ({e}); run `drivepriv eval` again") from None
+    records = []
+    for k, (client, rnd) in enumerate(data.get("batches", np.zeros((0, 2), dtype=np.int64))):
+        prefix = f"b{k}/"
+        truth = {key.split("/")[-1]: v for key, v in data.items() if key.startswith(prefix + "truth/")}
+        recon: dict[str, dict[str, np.ndarray]] = {}
+        for key, v in data.items():
+            if key.startswith(prefix + "recon/"):
+                _, _, attack, name = key.split("/", 3)
+                recon.setdefault(attack, {})[name] = v
+        records.append(BatchRecord(int(client), int(rnd), truth, data[prefix + "origins"], recon))
+    return records
