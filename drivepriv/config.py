@@ -147,13 +147,18 @@ class FederationConfig:
     env_steps_per_round: int = 20
     #: Copy the global network into the target network every this many rounds.
     target_update_rounds: int = 4
+    #: Defenses applied before the server sees an update, in order (see ``drivepriv defenses``):
+    #: e.g. ``[{name: dpsgd, noise: 1.0, clip: 1.0}, {name: topk, fraction: 0.1}]``.
+    defenses: list[dict[str, Any]] = field(default_factory=list)
+    #: Utility: greedy episodes of the final global policy on held-out seeds (0: skip).
+    eval_episodes: int = 5
 
     def validate(self, where: str) -> None:
         for key in ("clients", "rounds", "local_steps", "batch_size", "target_update_rounds"):
             v = getattr(self, key)
             if v < 1:
                 raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {v}")
-        for key in ("warmup_steps", "env_steps_per_round"):
+        for key in ("warmup_steps", "env_steps_per_round", "eval_episodes"):
             v = getattr(self, key)
             if v < 0:
                 raise ConfigError(f"{where}.{key}: expected an integer >= 0, got {v}")
@@ -161,6 +166,12 @@ class FederationConfig:
             raise ConfigError(f"{where}.lr: expected a positive learning rate, got {self.lr}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"{where}.gamma: expected a discount in [0, 1], got {self.gamma}")
+        from drivepriv.federation.defenses import DefenseStack
+
+        try:
+            DefenseStack.from_specs(self.defenses)
+        except ConfigError as e:
+            raise ConfigError(f"{where}.defenses: {e}") from None
         if self.warmup_steps + self.env_steps_per_round < self.batch_size:
             raise ConfigError(
                 f"{where}: warmup_steps + env_steps_per_round ({self.warmup_steps} + {self.env_steps_per_round}) "

@@ -76,6 +76,10 @@ class LocalAlgorithm:
         """The action to store (raw) for observation ``obs``."""
         raise NotImplementedError
 
+    def greedy(self, model: nn.Module, obs: np.ndarray):
+        """The policy's action without exploration (for measuring the trained policy's utility)."""
+        raise NotImplementedError
+
     def env_action(self, action):
         """What the environment gets: continuous actions clipped to [-1, 1]."""
         if self.actions.continuous:
@@ -103,8 +107,11 @@ class DQN(LocalAlgorithm):
         a = self.cfg.agent
         if rng.random() < epsilon_at(env_steps, a.epsilon_start, a.epsilon_end, a.epsilon_decay_steps):
             return int(rng.integers(self.actions.n))
+        return self.greedy(model, obs)
+
+    def greedy(self, model, obs):
         with torch.no_grad():
-            return int(model(torch.as_tensor(obs[None])).argmax(-1).item())
+            return int(model(torch.as_tensor(obs[None], dtype=torch.float32)).argmax(-1).item())
 
 
 @ALGORITHMS.register("ppo")
@@ -124,6 +131,12 @@ class PPO(LocalAlgorithm):
 
     def act(self, model, obs, rng, env_steps):
         return ppo_act(model, obs, rng, self.actions.continuous)
+
+    def greedy(self, model, obs):
+        """The mode: the most probable action, or the Gaussian's mean."""
+        with torch.no_grad():
+            out = model(torch.as_tensor(obs, dtype=torch.float32)[None])[0][:-1]
+        return out.numpy().astype(np.float32) if self.actions.continuous else int(out.argmax().item())
 
 
 @ALGORITHMS.register("td3")
@@ -146,6 +159,10 @@ class TD3(LocalAlgorithm):
         if rng.random() < epsilon_at(env_steps, a.epsilon_start, a.epsilon_end, a.epsilon_decay_steps) - a.epsilon_end:
             return rng.uniform(-1.0, 1.0, self.actions.n).astype(np.float32)
         return td3_act(model, obs, rng, a.exploration_noise)
+
+    def greedy(self, model, obs):
+        with torch.no_grad():
+            return model.actor(torch.as_tensor(obs, dtype=torch.float32).reshape(1, -1))[0].numpy().astype(np.float32)
 
 
 def make_algorithm(cfg: RunConfig, obs_dim: int, action_space: spaces.Space) -> LocalAlgorithm:

@@ -19,10 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 from drivepriv.agents.algorithms import LocalAlgorithm, make_algorithm
-from drivepriv.agents.dqn import ReplayBuffer
+from drivepriv.agents.dqn import Batch, ReplayBuffer
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_env
-from drivepriv.seeding import derive_seed, numpy_rng
+from drivepriv.federation.defenses import DefenseStack, PrivacyAccountant
+from drivepriv.seeding import derive_seed, numpy_rng, torch_generator
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,14 @@ class FederationResult:
     truths: dict[tuple[int, int], GroundTruth]
     training: pd.DataFrame
     final_params: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: The defenses applied and, under DP-SGD, the privacy spent (epsilon at delta).
+    privacy: dict[str, object] = field(default_factory=dict)
+    algorithm: LocalAlgorithm | None = None
+
+
+def episode_seed(root: int, client: int, episode: int) -> int:
+    """The environment seed of a client's episode (its traffic; for MetaDrive, its map)."""
+    return derive_seed(root, "client", client, "episode", episode)
 
 
 class Client:
@@ -90,7 +99,7 @@ class Client:
         self.episode_return = 0.0
         self.finished_returns: list[float] = []
         self.crashes: list[bool] = []
-        self.obs, _ = self.env.reset(seed=derive_seed(cfg.seed, "client", cid, "episode", 0))
+        self.obs, _ = self.env.reset(seed=episode_seed(cfg.seed, cid, 0))
 
     def collect(self, model: torch.nn.Module, steps: int) -> None:
         for _ in range(steps):
@@ -107,16 +116,27 @@ class Client:
                 self.episode += 1
                 self.episode_step = 0
                 self.episode_return = 0.0
-                seed = derive_seed(self.cfg.seed, "client", self.cid, "episode", self.episode)
-                self.obs, _ = self.env.reset(seed=seed)
+                self.obs, _ = self.env.reset(seed=episode_seed(self.cfg.seed, self.cid, self.episode))
 
     def close(self) -> None:
         self.env.close()
 
 
+def _row(batch: Batch, i: int) -> Batch:
+    return Batch(*(t[i : i + 1] for t in (batch.states, batch.actions, batch.rewards, batch.next_states, batch.dones)))
+
+
 def run_federation(cfg: RunConfig, attacked: set[tuple[int, int]], progress: bool = True) -> FederationResult:
-    """Train the federation; record server views and ground truth for ``attacked`` (round, client) pairs."""
+    """Train the federation; record server views and ground truth for ``attacked`` (round, client) pairs.
+
+    Defenses (``federation.defenses``) act where a real deployment applies them: DP-SGD on
+    each local step's per-sample gradients, update defenses on the payload before it leaves
+    the client, secure aggregation on what the server is shown (then one view per attacked
+    round, client -1, holding the mean of all clients' updates over their N x B transitions)."""
     fed = cfg.federation
+    stack = DefenseStack.from_specs(fed.defenses)
+    dp = stack.dpsgd
+    accountant = PrivacyAccountant(dp, fed.clients) if dp is not None else None
     probe = make_env(cfg.env)
     obs_shape = probe.observation_space.shape
     algorithm = make_algorithm(cfg, int(np.prod(obs_shape)), probe.action_space)
@@ -143,28 +163,39 @@ def run_federation(cfg: RunConfig, attacked: set[tuple[int, int]], progress: boo
         source = model if algorithm.on_policy else target
         target_params = {k: v.detach().clone() for k, v in source.named_parameters()}
         payloads = []
+        round_truth: list[GroundTruth] = []
         for client in clients:
             steps = fed.env_steps_per_round + (fed.warmup_steps if rnd == 0 else 0)
             client.collect(model, steps)
             rng = numpy_rng(cfg.seed, "client", client.cid, "round", rnd, "minibatch")
             batches, origins = [], []
-            if fed.strategy == "fedsgd":
-                batch, idx = client.buffer.sample(fed.batch_size, rng, recent=steps if algorithm.on_policy else None)
-                payload = loss_spec.gradient(model, params, target_params, batch)
+
+            def local_gradient(at: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, ...]:
+                recent = steps if algorithm.on_policy else None
+                batch, idx = client.buffer.sample(fed.batch_size, rng, recent=recent)
                 batches.append(batch.numpy())
                 origins.append(client.buffer.origin[idx].copy())
+                if dp is None:
+                    return loss_spec.gradient(model, at, target_params, batch)
+                accountant.step(client.cid, fed.batch_size / (recent or client.buffer.size))
+                per_sample = [loss_spec.gradient(model, at, target_params, _row(batch, i)) for i in range(len(batch))]
+                return dp.privatize(per_sample, torch_generator(cfg.seed, "dpsgd", client.cid, rnd, step))
+
+            if fed.strategy == "fedsgd":
+                payload = local_gradient(params, 0)
             else:
                 local = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-                for _ in range(fed.local_steps):
-                    batch, idx = client.buffer.sample(fed.batch_size, rng, recent=steps if algorithm.on_policy else None)
-                    grads = loss_spec.gradient(model, local, target_params, batch)
+                for step in range(fed.local_steps):
+                    grads = local_gradient(local, step)
                     local = {k: (v - fed.lr * g).detach().requires_grad_(True) for (k, v), g in zip(local.items(), grads)}
-                    batches.append(batch.numpy())
-                    origins.append(client.buffer.origin[idx].copy())
                 payload = tuple((local[k] - params[k]).detach() for k in params)
             payload = tuple(p.detach().clone() for p in payload)
+            payload = stack.apply(payload, torch_generator(cfg.seed, "defense", client.cid, rnd))
             payloads.append(payload)
-            if (rnd, client.cid) in attacked:
+            if stack.secagg:
+                if any(r == rnd for r, _ in attacked):
+                    round_truth.append(GroundTruth(rnd, client.cid, batches, origins, algorithm.actions.continuous))
+            elif (rnd, client.cid) in attacked:
                 views.append(
                     ServerView(rnd, client.cid, fed.strategy, params, target_params, payload, fed.batch_size, fed.local_steps, fed.lr, loss_spec)
                 )
@@ -181,6 +212,12 @@ def run_federation(cfg: RunConfig, attacked: set[tuple[int, int]], progress: boo
                 }
             )
         mean = [torch.stack(ps).mean(0) for ps in zip(*payloads)]
+        if round_truth:  # secure aggregation: the server sees the sum (here its mean) alone
+            n = len(clients)
+            views.append(ServerView(rnd, -1, fed.strategy, params, target_params, tuple(m.clone() for m in mean), n * fed.batch_size, fed.local_steps, fed.lr, loss_spec))
+            merged = [{k: np.concatenate([t.batches[s][k] for t in round_truth]) for k in round_truth[0].batches[s]} for s in range(len(round_truth[0].batches))]
+            merged_origins = [np.concatenate([t.origins[s] for t in round_truth]) for s in range(len(round_truth[0].origins))]
+            truths[(rnd, -1)] = GroundTruth(rnd, -1, merged, merged_origins, algorithm.actions.continuous)
         if fed.strategy == "fedsgd":
             server_opt.zero_grad()
             for p, g in zip(model.parameters(), mean):
@@ -195,7 +232,45 @@ def run_federation(cfg: RunConfig, attacked: set[tuple[int, int]], progress: boo
     for c in clients:
         c.close()
     final = {k: v.detach().clone() for k, v in model.named_parameters()}
-    return FederationResult(model=model, views=views, truths=truths, training=pd.DataFrame(rows), final_params=final)
+    privacy: dict[str, object] = {"defenses": stack.describe()}
+    if dp is not None:
+        privacy.update(epsilon=accountant.epsilon(), delta=dp.delta, noise_multiplier=dp.noise, clip=dp.clip, accountant="opacus RDP")
+    return FederationResult(model=model, views=views, truths=truths, training=pd.DataFrame(rows), final_params=final, privacy=privacy, algorithm=algorithm)
+
+
+def evaluate_policy(cfg: RunConfig, model: torch.nn.Module, algorithm: LocalAlgorithm, episodes: int) -> dict[str, float]:
+    """Utility of a trained global policy: its greedy episodes on held-out seeds (no client's).
+
+    Returns the mean and standard deviation of the episode return, the collision rate (share of
+    episodes that ended in a crash; NaN where the simulator reports no crashes) and the mean
+    episode length."""
+    if episodes <= 0:
+        return {}
+    env = make_env(cfg.env)
+    returns, crashes, lengths = [], [], []
+    try:
+        for e in range(episodes):
+            obs, _ = env.reset(seed=derive_seed(cfg.seed, "utility", e))
+            total, n, crashed, done = 0.0, 0, None, False
+            while not done:
+                obs, reward, terminated, truncated, info = env.step(algorithm.env_action(algorithm.greedy(model, obs)))
+                total += float(reward)
+                n += 1
+                done = terminated or truncated
+                if "crashed" in info:
+                    crashed = bool(crashed) or bool(info["crashed"])
+            returns.append(total)
+            lengths.append(n)
+            crashes.append(float("nan") if crashed is None else float(crashed))
+    finally:
+        env.close()
+    return {
+        "episodes": float(episodes),
+        "mean_return": float(np.mean(returns)),
+        "std_return": float(np.std(returns)),
+        "collision_rate": float(np.mean(crashes)),
+        "mean_length": float(np.mean(lengths)),
+    }
 
 
 def resolve_attacked(cfg: RunConfig) -> set[tuple[int, int]]:
@@ -206,4 +281,4 @@ def resolve_attacked(cfg: RunConfig) -> set[tuple[int, int]]:
     return {(rnd, c) for rnd in rounds for c in clients}
 
 
-__all__ = ["Client", "FederationResult", "GroundTruth", "ServerView", "resolve_attacked", "run_federation"]
+__all__ = ["Client", "FederationResult", "GroundTruth", "ServerView", "evaluate_policy", "resolve_attacked", "run_federation"]
