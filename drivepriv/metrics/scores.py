@@ -52,6 +52,13 @@ def match_transitions(truth_states: np.ndarray, rec_states: np.ndarray, codec: O
 
 def _neighbour_errors(t: np.ndarray, r: np.ndarray, codec: ObservationCodec) -> tuple[float, float]:
     """Mean world-position error of present true neighbours (rows matched by position), and presence accuracy."""
+    errs, count_acc = neighbour_error_list(t, r, codec)
+    return (float(np.mean(errs)) if len(errs) else float("nan")), count_acc
+
+
+def neighbour_error_list(t: np.ndarray, r: np.ndarray, codec: ObservationCodec) -> tuple[np.ndarray, float]:
+    """World-position error (m) of every present true neighbour (rows matched by position, an
+    assignment per transition), and the share of transitions whose neighbour count is right."""
     p, ix, iy = codec.index("presence"), codec.index("x"), codec.index("y")
     errs, correct, total = [], 0, 0
     for ti, ri in zip(t, r):
@@ -73,7 +80,7 @@ def _neighbour_errors(t: np.ndarray, r: np.ndarray, codec: ObservationCodec) -> 
         if missing.any():  # more true neighbours than reconstructed: the nearest one counts
             e[missing] = cost[missing].min(axis=1)
         errs.extend(e.tolist())
-    return (float(np.mean(errs)) if errs else float("nan")), correct / max(total, 1)
+    return np.asarray(errs, dtype=float), correct / max(total, 1)
 
 
 def _present_position_error(t: np.ndarray, r: np.ndarray, codec: ObservationCodec) -> float:
