@@ -27,6 +27,7 @@ QUICK = {
     "attack.dynamics.rollout_steps": 40,
     "attack.dynamics.epochs": 5,
     "report.videos": 1,
+    "federation.eval_episodes": 2,
 }
 
 
@@ -41,6 +42,10 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         value = getattr(args, flag)
         if value is not None:
             explicit.append((key.split("."), value))
+    if args.defense:
+        from drivepriv.federation.defenses import parse_defense
+
+        explicit.append((["federation", "defenses"], [parse_defense(d) for d in args.defense]))
     if args.attacks is not None:
         explicit.append((["attack", "attacks"], [a.strip() for a in args.attacks.split(",") if a.strip()]))
     if args.clients is not None and not any(k == ["attack", "clients"] for k, _ in explicit):
@@ -48,12 +53,40 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     return apply_overrides(cfg, explicit, source="options") if explicit else cfg
 
 
+def _command(args: argparse.Namespace) -> str:
+    return "drivepriv " + " ".join(shlex.quote(a) for a in args.argv)
+
+
+def _grid(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--grid {text}: expected comma-separated numbers, e.g. --grid 0,0.5,1,2") from None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from drivepriv.pipeline import run_eval, tidy_summary
 
     cfg = build_config(args)
     t0 = time.perf_counter()
-    command = "drivepriv " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _command(args)
+    if args.sweep:
+        from drivepriv.sweep import run_sweep
+
+        sweep = run_sweep(cfg, args.sweep, _grid(args.grid), command=command, progress=not args.no_progress)
+        import pandas as pd
+
+        table = pd.read_csv(sweep.table_path)
+        cols = ["strength", "epsilon", "attack", "error_median", "within_share", "mean_return", "collision_rate"]
+        with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 3):
+            print(table[cols].to_string(index=False))
+        print(f"\nseed {cfg.seed}; {time.perf_counter() - t0:.0f} s")
+        print(f"report: {sweep.sweep_dir / 'report.html'}")
+        return 0
+    if args.grid is not None:
+        raise ConfigError("--grid needs --sweep NAME (the defense whose strength it lists)")
     result = run_eval(cfg, command=command, progress=not args.no_progress)
     import pandas as pd
 
@@ -61,7 +94,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(tidy_summary(result.metrics).to_string())
     print(f"\nmedians over {result.metrics[['client', 'round']].drop_duplicates().shape[0]} attacked batches, seed {cfg.seed}; "
           f"{time.perf_counter() - t0:.0f} s")
+    print(f"{result.verdict.get('headline', '')}")
     print(f"report: {result.run_dir / 'report.html'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    runs = [Path(r) for r in args.runs]
+    if len(runs) == 1 and args.out is None:
+        from drivepriv.report.build import build_report
+
+        built = build_report(runs[0], progress=not args.no_progress)
+        print(built.verdict.get("headline", ""))
+        print(f"report: {built.path}")
+        return 0
+    from datetime import datetime, timezone
+
+    from drivepriv.report.compare import write_comparison
+
+    out = Path(args.out) if args.out else Path("reports") / f"compare-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    path = write_comparison(runs, out, title=f"drivepriv · {len(runs)} runs compared", command=_command(args))
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from drivepriv.report.replay import replay_run
+
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks else None
+    done = replay_run(Path(args.run), batch=args.batch, attacks=attacks, out_dir=Path(args.out) if args.out else None)
+    for item in done:
+        print(f"{item['label']}: {item['mp4']}  {item['gif']}")
     return 0
 
 
@@ -77,6 +144,19 @@ def cmd_attacks(args: argparse.Namespace) -> int:
 
     for name in ATTACKS:
         print(f"{name:<10} {ATTACKS.get(name).summary}")
+    return 0
+
+
+def cmd_defenses(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from drivepriv.federation.defenses import DEFENSES
+
+    for name in DEFENSES:
+        cls = DEFENSES.get(name)
+        params = ", ".join(f"{f.name}={f.default:g}" for f in dataclasses.fields(cls))
+        sweep = f"  sweep: {cls.strength} over {', '.join(f'{g:g}' for g in cls.grid)}" if cls.grid else ""
+        print(f"{name:<12} {cls.summary}" + (f" [{params}]" if params else "") + sweep)
     return 0
 
 
@@ -99,6 +179,11 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, help="minibatch size each client shares a gradient of")
     e.add_argument("--attacks", help="comma-separated attacks (see `drivepriv attacks`), e.g. rgia,dlg")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any configuration key, e.g. --set attack.iterations=800")
+    e.add_argument("--defense", action="append", metavar="NAME[:KEY=VALUE,...]",
+                   help="apply a defense before the server sees updates (repeatable, applied in order; see `drivepriv defenses`), "
+                        "e.g. --defense dpsgd:noise=1.0,clip=1.0 --defense topk:fraction=0.1")
+    e.add_argument("--sweep", metavar="DEFENSE", help="privacy-utility sweep: one run per strength of DEFENSE (e.g. dpsgd), with a table and a plot")
+    e.add_argument("--grid", metavar="V1,V2,...", help="the strengths --sweep runs (default: the defense's own grid, see `drivepriv defenses`)")
     e.add_argument("--quick", action="store_true", help="a tiny run for tests and first tries")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
@@ -106,6 +191,19 @@ def make_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_scenarios)
     a = sub.add_parser("attacks", help="list the attack catalogue")
     a.set_defaults(func=cmd_attacks)
+    r = sub.add_parser("report", help="rebuild a run's report from its saved results, or compare several runs on one page")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folder(s), e.g. reports/merge/merge-seed0-<time>")
+    r.add_argument("--out", help="folder of the comparison page (default reports/compare-<time>)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_report)
+    rp = sub.add_parser("replay", help="render a run's reconstructions in the simulator's own renderer beside the truth (MP4 + GIF)")
+    rp.add_argument("run", metavar="RUN_DIR", help="a run folder")
+    rp.add_argument("--batch", type=int, help="the attacked batch to render (0-based; default: all)")
+    rp.add_argument("--attacks", help="comma-separated attacks to show (default: all in the run)")
+    rp.add_argument("--out", help="output folder (default RUN_DIR/replay)")
+    rp.set_defaults(func=cmd_replay)
+    d = sub.add_parser("defenses", help="list the defenses (--defense NAME:KEY=VALUE,...; --sweep NAME)")
+    d.set_defaults(func=cmd_defenses)
     return p
 
 
@@ -118,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     # its error by 1e-5 m between runs); the attacks' many small operations lose nothing.
     torch.set_num_threads(1)
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         args = make_parser().parse_args(argv)
+        args.argv = argv
         return args.func(args)
     except DriveprivError as e:
         print(f"drivepriv: error: {e}", file=sys.stderr)

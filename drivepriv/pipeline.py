@@ -23,9 +23,11 @@ from drivepriv.attacks import AttackInput, Priors, Reconstruction, make_attack
 from drivepriv.config import RunConfig, dump_yaml
 from drivepriv.envs import make_codec, make_env
 from drivepriv.errors import ConfigError
-from drivepriv.federation.inprocess import GroundTruth, ServerView, resolve_attacked, run_federation
-from drivepriv.metrics.scores import METRIC_HELP, Truth, score
-from drivepriv.metrics.vector import score_vector, vector_metric_columns, vector_metric_help
+from drivepriv.federation.defenses import DefenseStack
+from drivepriv.federation.inprocess import GroundTruth, ServerView, evaluate_policy, resolve_attacked, run_federation
+from drivepriv.metrics.scores import Truth, score
+from drivepriv.metrics.vector import score_vector, vector_metric_columns
+from drivepriv.report.build import build_report
 from drivepriv.results import BatchRecord, save_batches
 from drivepriv.priors.dynamics import collect_rollouts, fit_dynamics, fit_reward
 from drivepriv.priors.physics import KinematicPrior
@@ -51,18 +53,12 @@ METRIC_COLUMNS = [
     "grad_distance",
 ]
 
-THREAT_MODEL = [
-    "An honest-but-curious server receives each client's update (FedSGD: the gradient of its local loss, DQN's TD loss, PPO's or TD3's, on one minibatch).",
-    "It knows what any FL server knows: the global and target networks it sent, the loss and hyper-parameters it prescribed, and the public simulator (road, observation layout, reward function).",
-    "It never sees the clients' data. Attacks receive only that view; the ground truth is used by the metrics alone.",
-]
-
-
 @dataclass
 class RunResult:
     run_dir: Path
     metrics: pd.DataFrame
     summary: pd.DataFrame
+    verdict: dict
 
 
 def check_supported(cfg: RunConfig) -> None:
@@ -82,6 +78,11 @@ def check_supported(cfg: RunConfig) -> None:
                 f"'{cfg.name}' has continuous actions ({cfg.agent.algorithm}); use {', '.join(ok)} (--attacks ...)"
             )
     fed = cfg.federation
+    if DefenseStack.from_specs(fed.defenses).secagg and fed.strategy == "fedavg" and fed.local_steps > 1:
+        raise ConfigError(
+            "defense secagg with FedAvg over several local steps: the sum of K-step deltas is not one client's "
+            "unrolled training, which the attacks model; use federation.strategy=fedsgd or local_steps=1"
+        )
     if algorithm.on_policy and fed.env_steps_per_round < fed.batch_size:
         raise ConfigError(
             f"federation.env_steps_per_round ({fed.env_steps_per_round}) must be at least batch_size ({fed.batch_size}) "
@@ -91,7 +92,7 @@ def check_supported(cfg: RunConfig) -> None:
 
 def library_versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for pkg in ("drivepriv", "torch", "numpy", "gymnasium", "highway-env", "metadrive-simulator", "pandas", "scipy", "matplotlib", "imageio", "imageio-ffmpeg", "Jinja2", "PyYAML"):
+    for pkg in ("drivepriv", "torch", "numpy", "gymnasium", "highway-env", "metadrive-simulator", "pandas", "scipy", "matplotlib", "imageio", "imageio-ffmpeg", "Jinja2", "PyYAML", "opacus"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -197,11 +198,6 @@ def metric_columns(codec, continuous: bool) -> list[str]:
     return [("action_abs_err" if c == "action_acc" and continuous else c) for c in cols]
 
 
-def metric_help(codec) -> dict[str, str]:
-    extra = {"action_abs_err": "mean absolute error of the continuous action (actions in [-1, 1])"}
-    return (vector_metric_help(codec) if codec.kind == "vector" else METRIC_HELP | extra) | {"time_s": "wall time of the attack (s)"}
-
-
 def score_any(truth: Truth, rec: Reconstruction, codec) -> tuple[dict[str, float], np.ndarray]:
     """Score a reconstruction with the codec's metrics (Kinematics or flat observations)."""
     if codec.kind == "vector":
@@ -243,32 +239,20 @@ class DynamicsResidual:
             self.env.close()
 
 
-def action_labels(cfg: RunConfig) -> tuple[str, ...]:
-    """Names of the discrete actions (highway-env's meta-actions), else their indices."""
-    if cfg.env.backend != "highway":  # no names; and a MetaDrive env costs a worker process
-        return ()
-    env = make_env(cfg.env)
-    try:
-        if hasattr(env.action_space, "n"):
-            from drivepriv.envs.highway import action_names
-
-            return action_names(env)
-        return ()
-    finally:
-        env.close()
-
-
-def run_eval(cfg: RunConfig, command: str = "", progress: bool = True) -> RunResult:
+def run_eval(cfg: RunConfig, command: str = "", progress: bool = True, run_id: str | None = None) -> RunResult:
     """Train, attack, score and report. Output goes to ``<out>/<scenario>/<run-id>/``; while the
     run is in progress the folder is named ``<run-id>.incomplete``."""
+    cfg = DefenseStack.from_specs(cfg.federation.defenses).configure(cfg)  # batch / local_steps defenses
     check_supported(cfg)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_id = f"{cfg.name}-seed{cfg.seed}-{stamp}"
+    run_id = run_id or f"{cfg.name}-seed{cfg.seed}-{stamp}"
     final_dir = Path(cfg.out) / cfg.name / run_id
     work = final_dir.with_name(run_id + ".incomplete")
     work.mkdir(parents=True, exist_ok=False)
     (work / "config.yaml").write_text(dump_yaml(cfg))
     (work / "versions.json").write_text(json.dumps(library_versions(), indent=2))
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    (work / "run.json").write_text(json.dumps({"run_id": run_id, "command": command or f"drivepriv eval --scenario {cfg.name} --seed {cfg.seed}", "seed": cfg.seed, "started": started}, indent=2))
 
     seed_everything(cfg.seed)
     # The networks are small: a second thread buys almost nothing and, on a shared 2-core
@@ -277,18 +261,19 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True) -> RunRes
     attacked = resolve_attacked(cfg)
     fed = run_federation(cfg, attacked, progress=progress)
     fed.training.to_csv(work / "training.csv", index=False)
+    utility = evaluate_policy(cfg, fed.model, fed.algorithm, cfg.federation.eval_episodes)
+    (work / "privacy_utility.json").write_text(json.dumps({"privacy": fed.privacy, "utility": utility}, indent=2))
 
     priors, dyn_stats, road = build_priors(cfg, progress)
     codec = priors.codec
     obs_shape = tuple(codec.obs_shape)
     n_actions = fed.model.n_actions
     residual_of = DynamicsResidual(cfg, codec)
-    names = action_labels(cfg)
     continuous = any(t.continuous for t in fed.truths.values())
     columns = metric_columns(codec, continuous)
     suffix = "_m" if codec.kind == "kinematics" else ""
 
-    rows, timings, scenes = [], [], []
+    rows, timings = [], []
     records: list[BatchRecord] = []
     views = sorted(fed.views, key=lambda v: (v.round, v.client))
     bar = tqdm(total=len(views) * len(cfg.attack.attacks), desc="attack", unit="attack", disable=not progress, leave=False)
@@ -308,7 +293,6 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True) -> RunRes
             timings.append({"attack": name, "client": view.client, "round": view.round, "seed": cfg.seed, "time_s": rec.time_s})
             recs[name] = (rec, perm)
             bar.update(1)
-        scenes.append((view, truth, recs))
         gt = fed.truths[(view.round, view.client)]
         records.append(
             BatchRecord(
@@ -328,94 +312,9 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True) -> RunRes
     save_batches(work, records)
     (work / "attacker.json").write_text(json.dumps({"dynamics_prior": dyn_stats}, indent=2))
 
-    summary = _write_report(cfg, work, metrics, pd.DataFrame(timings), scenes, road, codec, names, command, progress, columns)
+    built = build_report(work, progress=progress)
     shutil.move(str(work), str(final_dir))
-    return RunResult(final_dir, metrics, summary)
-
-
-def _write_report(cfg, work, metrics, timings, scenes, road, codec, names, command: str, progress: bool, columns: list[str]) -> pd.DataFrame:
-    from drivepriv.report import ReportContext, SceneBatch, draw_batch_figure, render_report, summarise, write_replay_video
-
-    batches = []
-    for k, (view, truth, recs) in enumerate(tqdm(scenes, desc="report", unit="batch", disable=not progress, leave=False)):
-        label = f"client {view.client} · round {view.round}"
-        stem = f"c{view.client}-r{view.round}"
-        if codec.kind == "vector":
-            batches.append(_vector_media(cfg, work, stem, label, truth, recs, codec, with_video=k < cfg.report.videos))
-            continue
-        scene = SceneBatch(
-            label=label,
-            features=codec.features,
-            truth_states=codec.decode_world(truth.states),
-            truth_next_states=codec.decode_world(truth.next_states),
-            recon={n: (codec.decode_world(r.states[p]), codec.decode_world(r.next_states[p])) for n, (r, p) in recs.items()},
-            # continuous actions have no names to caption
-            actions=truth.actions if np.ndim(truth.actions) == 1 else None,
-            recon_actions={n: r.actions[p] for n, (r, p) in recs.items()} if np.ndim(truth.actions) == 1 else {},
-            action_names=names,
-        )
-        fig = draw_batch_figure(scene, road, work / "figures" / f"{stem}.png") if cfg.report.figures else None
-        vid = write_replay_video(scene, road, work / "videos" / f"{stem}.mp4", fps=cfg.report.fps) if k < cfg.report.videos else None
-        batches.append(
-            {
-                "label": label,
-                "figure": str(fig.relative_to(work)) if fig else None,
-                "video": str(vid.relative_to(work)) if vid else None,
-            }
-        )
-    with_time = metrics.merge(timings, on=["attack", "client", "round", "seed"])
-    summary = summarise(with_time, group="attack", metrics=[*columns, "time_s"])
-    fed = cfg.federation
-    context = ReportContext(
-        title=f"drivepriv · {cfg.name}",
-        scenario=cfg.name,
-        description=cfg.description,
-        settings={
-            "environment": cfg.env.id,
-            "federation": f"{fed.clients} clients, {fed.rounds} rounds, {fed.strategy}, batch {fed.batch_size}",
-            "local algorithm": f"{cfg.agent.algorithm} (gamma {fed.gamma}, lr {fed.lr})",
-            "simulator": f"{cfg.env.backend} ({cfg.env.id})",
-            "attacks": ", ".join(cfg.attack.attacks),
-            "attacked": f"rounds {sorted({r % fed.rounds for r in cfg.attack.rounds})}, clients {cfg.attack.clients or 'all'}",
-            "attack budget": f"{cfg.attack.iterations} iterations x {cfg.attack.restarts} restarts",
-            "seed": str(cfg.seed),
-        },
-        threat_model=THREAT_MODEL,
-        summary=summary,
-        metric_help=metric_help(codec),
-        batches=batches,
-        reproducibility={
-            "command": command or f"drivepriv eval --scenario {cfg.name} --seed {cfg.seed}",
-            "seed": str(cfg.seed),
-            "config": "config.yaml",
-            "versions": "versions.json",
-            "metrics": "metrics.csv",
-        },
-    )
-    render_report(work, context)
-    return summary
-
-
-def _vector_media(cfg, work: Path, stem: str, label: str, truth: Truth, recs, codec, with_video: bool) -> dict:
-    """Figure (and, for MetaDrive, a video) of one attacked batch of flat observations."""
-    fig = vid = None
-    rec_states = {n: r.states[p] for n, (r, p) in recs.items()}
-    if cfg.env.backend == "metadrive":
-        from drivepriv.report.metadrive import draw_lidar_scene, write_lidar_video
-
-        if cfg.report.figures:
-            import imageio.v3 as iio
-
-            fig = work / "figures" / f"{stem}.png"
-            fig.parent.mkdir(parents=True, exist_ok=True)
-            iio.imwrite(fig, draw_lidar_scene(truth.states[0], {n: s[0] for n, s in rec_states.items()}, codec, title=label))
-        if with_video:
-            vid = write_lidar_video(truth.states, rec_states, codec, work / "videos" / f"{stem}.mp4", fps=max(1, cfg.report.fps // 8))
-    elif cfg.report.figures:
-        from drivepriv.report.vector import draw_vector_figure
-
-        fig = draw_vector_figure(truth.states, truth.next_states, {n: (r.states[p], r.next_states[p]) for n, (r, p) in recs.items()}, codec, work / "figures" / f"{stem}.png", title=label)
-    return {"label": label, "figure": str(fig.relative_to(work)) if fig else None, "video": str(vid.relative_to(work)) if vid else None}
+    return RunResult(final_dir, metrics, built.summary, built.verdict)
 
 
 def tidy_summary(metrics: pd.DataFrame) -> pd.DataFrame:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Sequence
 
@@ -140,6 +140,15 @@ class ReportContext:
     notes: Sequence[str] = ()
     #: Shown in the header; filled with the current UTC time when empty.
     generated: str = ""
+    #: The opening in plain words: {"level", "headline", "sentences"} (see metrics.leakage.verdict).
+    verdict: dict | None = None
+    #: Per-feature leakage (metrics.leakage.LEAKAGE_COLUMNS), one row per attack x feature.
+    leakage: pd.DataFrame | None = None
+    #: Trip reconstruction and re-identification, one row per attack, and its column help.
+    trips: pd.DataFrame | None = None
+    trips_help: dict[str, str] = field(default_factory=dict)
+    #: (label, value) rows: defenses, privacy spent, utility of the trained policy.
+    privacy_utility: Sequence[tuple[str, str]] = ()
 
 
 def _rel(run_dir: Path, p: Any, what: str) -> tuple[str | None, bool]:
@@ -189,6 +198,33 @@ def _table(summary: pd.DataFrame, metric_help: dict[str, str]) -> dict[str, Any]
     return {"headers": headers, "rows": rows}
 
 
+def _leakage_table(leakage: pd.DataFrame | None) -> dict[str, Any] | None:
+    """Feature rows x attack columns; each cell: the share within tolerance, then the median [IQR]."""
+    if leakage is None or leakage.empty:
+        return None
+    attacks = list(dict.fromkeys(leakage["attack"]))
+    rows = []
+    for feature in dict.fromkeys(leakage["feature"]):
+        sub = leakage[leakage["feature"] == feature]
+        first = sub.iloc[0]
+        unit = str(first["unit"])
+        tol = float(first["tolerance"])
+        exact = tol == 0
+        crit = "exact" if exact else f"≤ {format_number(tol)} {unit}".rstrip()
+        cells = []
+        for a in attacks:
+            r = sub[sub["attack"] == a]
+            if r.empty or int(r.iloc[0]["n"]) == 0:
+                cells.append({"main": "—", "sub": ""})
+                continue
+            r = r.iloc[0]
+            share = float(r["within"])
+            err = "" if exact else f"median {format_number(r['median'])} [{format_number(r['p25'])}, {format_number(r['p75'])}] {unit}".rstrip()
+            cells.append({"main": f"{100 * share:.0f}%", "sub": err, "high": share >= 0.5})
+        rows.append({"feature": str(feature), "criterion": crit, "cells": cells})
+    return {"attacks": [str(a) for a in attacks], "rows": rows}
+
+
 def _cell(text: str) -> dict[str, str]:
     """Split "median [p25, p75] (n=k)" into the median and the rest, shown smaller on a second line."""
     main, sep, rest = text.partition(" [")
@@ -225,6 +261,9 @@ def render_report(run_dir: Path, context: ReportContext) -> Path:
         for k, v in context.reproducibility.items()
     ]
     used_help = {k: v for k, v in context.metric_help.items() if k in {str(c) for c in context.summary.columns}}
+    trips = None
+    if context.trips is not None and not context.trips.empty:
+        trips = _table(context.trips.set_index("attack"), context.trips_help)
     page = env.get_template("report.html").render(
         title=context.title,
         scenario=context.scenario,
@@ -236,6 +275,11 @@ def render_report(run_dir: Path, context: ReportContext) -> Path:
         batches=batches,
         reproducibility=repro,
         notes=[str(n) for n in context.notes],
+        verdict=context.verdict,
+        leakage=_leakage_table(context.leakage),
+        trips=trips,
+        trips_help={k: v for k, v in context.trips_help.items() if context.trips is not None and k in context.trips.columns},
+        privacy_utility=[(str(k), str(v)) for k, v in context.privacy_utility],
         generated=context.generated or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         version=__version__,
     )

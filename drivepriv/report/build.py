@@ -1,0 +1,253 @@
+"""Build a run's report from its saved results: ``drivepriv eval`` calls it at the end of a run,
+``drivepriv report RUN_DIR`` calls it again later, without training or attacking anything.
+
+Reads config.yaml, metrics.csv, timings.csv, reconstructions.npz, privacy_utility.json and
+run.json; writes leakage.csv, trips.csv, trips_summary.csv, figures/, videos/ and report.html.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from drivepriv.config import RunConfig
+from drivepriv.envs import make_codec, make_env
+from drivepriv.errors import ConfigError
+from drivepriv.metrics.leakage import feature_leakage, verdict
+from drivepriv.results import BatchRecord, load_batches
+from drivepriv.seeding import derive_seed
+
+log = logging.getLogger(__name__)
+
+THREAT_MODEL = [
+    "An honest-but-curious server receives each client's update (FedSGD: the gradient of its local loss, DQN's TD loss, PPO's or TD3's, on one minibatch).",
+    "It knows what any FL server knows: the global and target networks it sent, the loss and hyper-parameters it prescribed, and the public simulator (road, observation layout, reward function).",
+    "It never sees the clients' data. Attacks receive only that view; the ground truth is used by the metrics alone.",
+]
+
+ID_COLUMNS = ("attack", "client", "round", "seed", "batch_size", "local_steps")
+
+#: The trips summary's columns the report shows (trips_summary.csv has them all).
+TRIP_COLUMNS = ["attack", "merged_transitions", "trips", "longest", "cross_round_trips", "link_precision", "link_recall",
+                "ade_median_m", "fde_median_m", "reid_rate", "chance", "n_attributed", "reid_update_rate"]
+
+
+@dataclass
+class BuiltReport:
+    path: Path
+    summary: pd.DataFrame
+    verdict: dict
+    leakage: pd.DataFrame
+    trips: pd.DataFrame | None
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The resolved configuration a run wrote; a clear error when the folder is not a run."""
+    from drivepriv.scenarios import load_scenario
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is not a folder; give the folder of a run (e.g. reports/merge/merge-seed0-<time>)")
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no config.yaml: it is not a drivepriv run folder (or the run did not finish)")
+    return load_scenario(str(path))
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise ConfigError(f"{path.parent} has no {path.name}: the run did not finish; run `drivepriv eval` again")
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} cannot be read ({e}); run `drivepriv eval` again") from None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} cannot be read ({e}); run `drivepriv eval` again") from None
+
+
+def _road_and_names(cfg: RunConfig, codec):
+    """The public road geometry (as the attacker reads it) and the action names (highway-env only)."""
+    if cfg.env.backend != "highway":
+        return None, ()
+    from drivepriv.envs.highway import action_names
+    from drivepriv.priors.road import RoadGeometry
+
+    env = make_env(cfg.env)
+    try:
+        env.reset(seed=derive_seed(cfg.seed, "attacker", "road"))
+        road = RoadGeometry.from_env(env) if codec.kind == "kinematics" else None
+        names = action_names(env) if hasattr(env.action_space, "n") else ()
+    finally:
+        env.close()
+    return road, names
+
+
+def metric_help(codec) -> dict[str, str]:
+    from drivepriv.metrics.scores import METRIC_HELP
+    from drivepriv.metrics.vector import vector_metric_help
+
+    extra = {"action_abs_err": "mean absolute error of the continuous action (actions in [-1, 1])"}
+    return (vector_metric_help(codec) if codec.kind == "vector" else METRIC_HELP | extra) | {"time_s": "wall time of the attack (s)"}
+
+
+def _batch_media(cfg: RunConfig, run_dir: Path, rec: BatchRecord, codec, road, names, with_video: bool) -> dict:
+    """Figure and video of one attacked batch (files named after the batch)."""
+    from drivepriv.report import SceneBatch, draw_batch_figure, write_replay_video
+
+    truth, recs = rec.truth, rec.recon
+    label = rec.label if rec.client >= 0 else f"all clients (secure aggregation) · round {rec.round}"
+    stem = rec.stem if rec.client >= 0 else f"secagg-r{rec.round}"
+    fig = vid = None
+    if codec.kind == "vector":
+        rec_states = {n: r["states"] for n, r in recs.items()}
+        if cfg.env.backend == "metadrive":
+            from drivepriv.report.metadrive import draw_lidar_scene, write_lidar_video
+
+            if cfg.report.figures:
+                import imageio.v3 as iio
+
+                fig = run_dir / "figures" / f"{stem}.png"
+                fig.parent.mkdir(parents=True, exist_ok=True)
+                iio.imwrite(fig, draw_lidar_scene(truth["states"][0], {n: s[0] for n, s in rec_states.items()}, codec, title=label))
+            if with_video:
+                vid = write_lidar_video(truth["states"], rec_states, codec, run_dir / "videos" / f"{stem}.mp4", fps=max(1, cfg.report.fps // 8))
+        elif cfg.report.figures:
+            from drivepriv.report.vector import draw_vector_figure
+
+            fig = draw_vector_figure(truth["states"], truth["next_states"], {n: (r["states"], r["next_states"]) for n, r in recs.items()}, codec, run_dir / "figures" / f"{stem}.png", title=label)
+    else:
+        discrete = np.ndim(truth["actions"]) == 1
+        scene = SceneBatch(
+            label=label,
+            features=codec.features,
+            truth_states=codec.decode_world(truth["states"]),
+            truth_next_states=codec.decode_world(truth["next_states"]),
+            recon={n: (codec.decode_world(r["states"]), codec.decode_world(r["next_states"])) for n, r in recs.items()},
+            # continuous actions have no names to caption
+            actions=truth["actions"] if discrete else None,
+            recon_actions={n: r["actions"] for n, r in recs.items()} if discrete else {},
+            action_names=names,
+        )
+        fig = draw_batch_figure(scene, road, run_dir / "figures" / f"{stem}.png") if cfg.report.figures else None
+        vid = write_replay_video(scene, road, run_dir / "videos" / f"{stem}.mp4", fps=cfg.report.fps) if with_video else None
+    return {"label": label, "figure": str(fig.relative_to(run_dir)) if fig else None, "video": str(vid.relative_to(run_dir)) if vid else None}
+
+
+def compute_trips(records: list[BatchRecord], codec) -> tuple[pd.DataFrame | None, pd.DataFrame | None, dict[str, str]]:
+    """Trips and re-identification (highway-env Kinematics runs with per-client batches)."""
+    per_client = [r for r in records if r.client >= 0]
+    if codec.kind != "kinematics" or not per_client:
+        return None, None, {}
+    from drivepriv.metrics.trips import trips_for_run
+
+    result = trips_for_run(per_client, codec)
+    return result.trips, result.summary, dict(result.help)
+
+
+def _settings(cfg: RunConfig, privacy: dict, utility: dict) -> dict[str, str]:
+    fed = cfg.federation
+    out = {
+        "environment": cfg.env.id,
+        "federation": f"{fed.clients} clients, {fed.rounds} rounds, {fed.strategy}" + (f" ({fed.local_steps} local steps)" if fed.strategy == "fedavg" else "") + f", batch {fed.batch_size}",
+        "local algorithm": f"{cfg.agent.algorithm} (gamma {fed.gamma}, lr {fed.lr})",
+        "simulator": f"{cfg.env.backend} ({cfg.env.id})",
+        "defenses": str(privacy.get("defenses", "none")),
+        "attacks": ", ".join(cfg.attack.attacks),
+        "attacked": f"rounds {sorted({r % fed.rounds for r in cfg.attack.rounds})}, clients {cfg.attack.clients or 'all'}",
+        "attack budget": f"{cfg.attack.iterations} iterations x {cfg.attack.restarts} restarts",
+        "seed": str(cfg.seed),
+    }
+    return out
+
+
+def privacy_utility_rows(privacy: dict, utility: dict) -> list[tuple[str, str]]:
+    """The privacy spent and the trained policy's utility, as (label, value) pairs."""
+    rows = [("defenses", str(privacy.get("defenses", "none")))]
+    if "epsilon" in privacy:
+        eps = float(privacy["epsilon"])
+        rows.append(("DP-SGD guarantee", f"(ε = {'∞' if math.isinf(eps) else f'{eps:.3g}'}, δ = {float(privacy['delta']):g}) per client, "
+                                          f"noise multiplier {float(privacy['noise_multiplier']):g}, clip {float(privacy['clip']):g} ({privacy.get('accountant', '')})"))
+    if utility:
+        rows.append(("utility: mean episode return", f"{utility['mean_return']:.3g} ± {utility['std_return']:.2g} (greedy policy, {int(utility['episodes'])} held-out episodes)"))
+        cr = utility.get("collision_rate", float("nan"))
+        rows.append(("utility: collision rate", "—" if cr is None or not math.isfinite(cr) else f"{100 * cr:.0f}% of episodes"))
+        rows.append(("utility: mean episode length", f"{utility['mean_length']:.3g} steps"))
+    return rows
+
+
+def build_report(run_dir: Path, progress: bool = False) -> BuiltReport:
+    """(Re)build ``run_dir/report.html`` and its figures, videos and tables from saved results."""
+    from drivepriv.report import ReportContext, render_report, summarise
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    metrics = _read_csv(run_dir / "metrics.csv")
+    timings = _read_csv(run_dir / "timings.csv")
+    records = load_batches(run_dir)
+    info = _read_json(run_dir / "run.json")
+    pu = _read_json(run_dir / "privacy_utility.json")
+    privacy, utility = pu.get("privacy", {}), pu.get("utility", {})
+    versions = _read_json(run_dir / "versions.json")
+    codec = make_codec(cfg.env)
+    road, names = _road_and_names(cfg, codec)
+
+    leakage = feature_leakage(records, codec)
+    leakage.to_csv(run_dir / "leakage.csv", index=False, float_format="%.6g")
+    trips, trips_summary, trips_help = compute_trips(records, codec)
+    if trips is not None:
+        trips.to_csv(run_dir / "trips.csv", index=False, float_format="%.6g")
+        trips_summary.to_csv(run_dir / "trips_summary.csv", index=False, float_format="%.6g")
+    opening = verdict(leakage, trips_summary)
+
+    batches = [
+        _batch_media(cfg, run_dir, rec, codec, road, names, with_video=k < cfg.report.videos)
+        for k, rec in enumerate(tqdm(records, desc="report", unit="batch", disable=not progress, leave=False))
+    ]
+    columns = [c for c in metrics.columns if c not in ID_COLUMNS]
+    with_time = metrics.merge(timings, on=["attack", "client", "round", "seed"], how="left")
+    summary = summarise(with_time, group="attack", metrics=[*columns, "time_s"])
+    key_versions = {k: versions[k] for k in ("drivepriv", "python", "torch", "gymnasium", "highway-env", "metadrive-simulator", "opacus") if k in versions}
+    context = ReportContext(
+        title=f"drivepriv · {cfg.name}",
+        scenario=cfg.name,
+        description=cfg.description,
+        settings=_settings(cfg, privacy, utility),
+        threat_model=THREAT_MODEL,
+        summary=summary,
+        metric_help=metric_help(codec),
+        batches=batches,
+        reproducibility={
+            "command": info.get("command") or f"drivepriv eval --scenario {cfg.name} --seed {cfg.seed}",
+            "seed": str(cfg.seed),
+            "config": "config.yaml",
+            "versions": "versions.json",
+            "metrics": "metrics.csv",
+            "saved results": "reconstructions.npz",
+            "rebuild this page": f"drivepriv report {Path(cfg.out) / cfg.name / info.get('run_id', run_dir.name)}",
+            **{f"version: {k}": str(v) for k, v in key_versions.items()},
+        },
+        verdict=opening,
+        leakage=leakage,
+        trips=None if trips_summary is None else trips_summary[[c for c in TRIP_COLUMNS if c in trips_summary.columns]],
+        trips_help=trips_help,
+        privacy_utility=privacy_utility_rows(privacy, utility),
+    )
+    path = render_report(run_dir, context)
+    return BuiltReport(path, summary, opening, leakage, trips_summary)
+
+
+__all__ = ["BuiltReport", "THREAT_MODEL", "build_report", "load_run_config", "metric_help", "privacy_utility_rows"]

@@ -1,0 +1,192 @@
+"""One page comparing runs (``drivepriv report RUN_A RUN_B ...``) and the privacy-utility
+sweep (``drivepriv eval --sweep NAME``), from the runs' saved results.
+
+Per run and attack: the headline leakage (ego position within 1 m and its median error for
+highway-env; the state error for flat observations), the privacy spent (DP-SGD's epsilon),
+the trained policy's utility (mean return, collision rate) and, where there are trips, their
+ADE/FDE and the re-identification rate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from drivepriv.errors import ConfigError
+from drivepriv.report.build import _read_csv, _read_json, load_run_config
+
+log = logging.getLogger(__name__)
+
+#: The columns of a comparison table (sweep.csv / compare.csv), in order.
+COMPARE_COLUMNS = [
+    "run", "scenario", "seed", "defenses", "strength", "epsilon", "attack", "headline", "unit",
+    "error_median", "error_p25", "error_p75", "within_share", "tolerance", "transitions",
+    "mean_return", "std_return", "collision_rate", "utility_episodes", "trips", "ade_m", "fde_m", "reid_rate", "reid_chance",
+]
+
+
+def run_rows(run_dir: Path, strength: float | None = None) -> list[dict]:
+    """One comparison row per attack of a finished run (read from its saved files)."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    leakage_path = run_dir / "leakage.csv"
+    if not leakage_path.is_file():
+        raise ConfigError(f"{run_dir} has no leakage.csv: rebuild its report first (drivepriv report {run_dir})")
+    leakage = _read_csv(leakage_path)
+    pu = _read_json(run_dir / "privacy_utility.json")
+    privacy, utility = pu.get("privacy", {}), pu.get("utility", {})
+    trips = _read_csv(run_dir / "trips_summary.csv") if (run_dir / "trips_summary.csv").is_file() else None
+    head = "ego position" if (leakage["feature"] == "ego position").any() else None
+    rows = []
+    for attack in dict.fromkeys(leakage["attack"]):
+        sub = leakage[leakage["attack"] == attack]
+        if head is None:  # flat observations: the mean over feature groups (actions and reward excluded)
+            groups = sub[~sub["feature"].isin(["action", "action (manoeuvre)", "reward"])]
+            r = {"feature": "state (mean over feature groups)", "unit": "", "median": groups["median"].mean(), "p25": groups["p25"].mean(),
+                 "p75": groups["p75"].mean(), "within": groups["within"].mean(), "tolerance": float("nan"), "n": int(groups["n"].max())}
+        else:
+            r = sub[sub["feature"] == head].iloc[0].to_dict()
+        t = trips[trips["attack"] == attack].iloc[0].to_dict() if trips is not None and (trips["attack"] == attack).any() else {}
+        rows.append({
+            "run": run_dir.name,
+            "scenario": cfg.name,
+            "seed": cfg.seed,
+            "defenses": privacy.get("defenses", "none"),
+            "strength": strength,
+            "epsilon": privacy.get("epsilon", float("nan")),
+            "attack": attack,
+            "headline": r["feature"],
+            "unit": r["unit"],
+            "error_median": r["median"],
+            "error_p25": r["p25"],
+            "error_p75": r["p75"],
+            "within_share": r["within"],
+            "tolerance": r["tolerance"],
+            "transitions": r["n"],
+            "mean_return": utility.get("mean_return", float("nan")),
+            "std_return": utility.get("std_return", float("nan")),
+            "collision_rate": utility.get("collision_rate", float("nan")),
+            "utility_episodes": utility.get("episodes", float("nan")),
+            "trips": t.get("trips", float("nan")),
+            "ade_m": t.get("ade_median_m", float("nan")),
+            "fde_m": t.get("fde_median_m", float("nan")),
+            "reid_rate": t.get("reid_rate", float("nan")),
+            "reid_chance": t.get("chance", float("nan")),
+        })
+    return rows
+
+
+def plot_tradeoff(table: pd.DataFrame, path: Path, x_label: str, title: str) -> Path:
+    """Attack error (median and IQR per attack) and utility (mean return, collision rate)
+    against the defense strength (or the run, for a comparison)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    numeric = table["strength"].notna().all()
+    labels = list(dict.fromkeys(table["run"]))
+    xs_of = (lambda d: d["strength"].to_numpy(float)) if numeric else (lambda d: np.array([labels.index(r) for r in d["run"]], float))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    unit = str(table["unit"].iloc[0]) if isinstance(table["unit"].iloc[0], str) else ""
+    for attack, d in table.groupby("attack", sort=False):
+        x = xs_of(d)
+        ax1.errorbar(x, d["error_median"], yerr=[d["error_median"] - d["error_p25"], d["error_p75"] - d["error_median"]], marker="o", capsize=3, label=f"{attack}")
+    ax1.set_ylabel(f"attack error: {table['headline'].iloc[0]} ({unit})" if unit else f"attack error: {table['headline'].iloc[0]}")
+    ax1.set_yscale("log")
+    ax1.set_title("privacy: attack error (median, IQR; higher = more private)", fontsize=10)
+    ax1.legend(fontsize=8)
+    util = table.drop_duplicates("run")
+    x = xs_of(util)
+    ax2.errorbar(x, util["mean_return"], yerr=util["std_return"], marker="s", color="tab:green", capsize=3, label="mean episode return")
+    ax2.set_ylabel("mean episode return (± std over episodes)")
+    ax2.set_title("utility of the trained policy", fontsize=10)
+    if util["collision_rate"].notna().any():
+        ax3 = ax2.twinx()
+        ax3.plot(x, 100 * util["collision_rate"], marker="^", color="tab:red", linestyle="--", label="collision rate")
+        ax3.set_ylabel("collision rate (% of episodes)", color="tab:red")
+        ax3.set_ylim(-5, 105)
+    for ax in (ax1, ax2):
+        ax.set_xlabel(x_label)
+        ax.grid(alpha=0.3)
+        if numeric:
+            pos = table["strength"].to_numpy(float)
+            if (pos > 0).all() and pos.max() / pos.min() > 20:
+                ax.set_xscale("log")
+            elif (pos >= 0).all() and pos.max() > 20 * max(pos[pos > 0].min() if (pos > 0).any() else 1, 1e-12):
+                ax.set_xscale("symlog", linthresh=float(pos[pos > 0].min()))
+        else:
+            ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v, pct: bool = False) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    if math.isnan(f):
+        return "—"
+    if math.isinf(f):
+        return "∞"
+    if pct:
+        return f"{100 * f:.0f}%"
+    return f"{f:.3g}"
+
+
+def write_comparison(run_dirs: list[Path], out_dir: Path, title: str, strengths: list[float] | None = None,
+                     x_label: str = "run", table_name: str = "compare.csv", notes: list[str] | None = None, command: str = "") -> Path:
+    """Write ``out_dir/report.html`` (table, plot, links to each run's report) and the table as CSV."""
+    import jinja2
+
+    from drivepriv import __version__
+    from drivepriv.report.html import TEMPLATE_DIR
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, d in enumerate(run_dirs):
+        rows += run_rows(d, strengths[i] if strengths else None)
+    table = pd.DataFrame(rows, columns=COMPARE_COLUMNS)
+    table.to_csv(out_dir / table_name, index=False, float_format="%.6g")
+    plot = plot_tradeoff(table, out_dir / "tradeoff.png", x_label, title) if len(run_dirs) > 1 else None
+    links = {Path(d).name: os.path.relpath(Path(d) / "report.html", out_dir) for d in run_dirs}
+    view = []
+    for r in rows:
+        view.append({
+            "run": r["run"], "link": Path(links[r["run"]]).as_posix(), "strength": "" if r["strength"] is None else _fmt(r["strength"]),
+            "defenses": str(r["defenses"]), "epsilon": _fmt(r["epsilon"]), "attack": r["attack"], "seed": r["seed"],
+            "error": f"{_fmt(r['error_median'])} [{_fmt(r['error_p25'])}, {_fmt(r['error_p75'])}]", "within": _fmt(r["within_share"], pct=True),
+            "ret": f"{_fmt(r['mean_return'])} ± {_fmt(r['std_return'])}", "collision": _fmt(r["collision_rate"], pct=True),
+            "ade": _fmt(r["ade_m"]), "fde": _fmt(r["fde_m"]), "reid": _fmt(r["reid_rate"], pct=True), "chance": _fmt(r["reid_chance"], pct=True),
+        })
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), autoescape=True, undefined=jinja2.StrictUndefined)
+    import datetime as _dt
+
+    head = rows[0] if rows else {"headline": "", "unit": "", "tolerance": float("nan")}
+    page = env.get_template("compare.html").render(
+        title=title, rows=view, plot=plot.name if plot else None, x_label=x_label, sweep=bool(strengths),
+        headline=head["headline"], unit=head["unit"], tolerance=_fmt(head["tolerance"]), table_name=table_name,
+        notes=notes or [], command=command, version=__version__,
+        generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    path = out_dir / "report.html"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    (out_dir / "runs.json").write_text(json.dumps([str(d) for d in run_dirs], indent=2))
+    return path
+
+
+__all__ = ["COMPARE_COLUMNS", "plot_tradeoff", "run_rows", "write_comparison"]
