@@ -151,7 +151,7 @@ class FederationConfig:
     #: e.g. ``[{name: dpsgd, noise: 1.0, clip: 1.0}, {name: topk, fraction: 0.1}]``.
     defenses: list[dict[str, Any]] = field(default_factory=list)
     #: Utility: greedy episodes of the final global policy on held-out seeds (0: skip).
-    eval_episodes: int = 5
+    eval_episodes: int = 10
 
     def validate(self, where: str) -> None:
         for key in ("clients", "rounds", "local_steps", "batch_size", "target_update_rounds"):

@@ -45,7 +45,7 @@ def run_sweep(cfg: RunConfig, defense: str, grid: list[float] | None = None, com
     from drivepriv.report.compare import write_comparison
 
     strength, values = sweep_grid(defense, grid)
-    points = []
+    points: list[tuple[float | None, RunConfig]] = [(None, cfg)]  # the baseline: without the swept defense
     for v in values:  # every point's configuration is checked before any work starts
         spec = {"name": defense, strength: v}
         point = apply_overrides(cfg, [(["federation", "defenses"], [*cfg.federation.defenses, spec])], source=f"--sweep {defense} ({strength}={v:g})")
@@ -58,18 +58,21 @@ def run_sweep(cfg: RunConfig, defense: str, grid: list[float] | None = None, com
     work.mkdir(parents=True, exist_ok=False)
     runs = []
     for i, (v, point) in enumerate(points):
-        log.info("sweep %s: %s = %g (%d/%d)", defense, strength, v, i + 1, len(points))
+        what = f"without {defense}" if v is None else f"{strength} = {v:g}"
+        log.info("sweep %s: %s (%d/%d)", defense, what, i + 1, len(points))
         if progress:
-            print(f"sweep {defense}: {strength} = {v:g} ({i + 1}/{len(points)})", flush=True)
+            print(f"sweep {defense}: {what} ({i + 1}/{len(points)})", flush=True)
         point = dataclasses.replace(point, out=str(work / "runs"))
-        res = run_eval(point, command=command, progress=progress, run_id=f"{i:02d}-{strength}={v:g}")
+        run_id = f"{i:02d}-baseline" if v is None else f"{i:02d}-{strength}={v:g}"
+        res = run_eval(point, command=command, progress=progress, run_id=run_id)
         runs.append(res.run_dir)
     notes = [
         f"Each point is a full run with the defense {defense} at {strength} = value, on top of {cfg.federation.defenses or 'no other defense'}; "
         f"seed {cfg.seed} for every point (the same clients, traffic and attack seeds).",
         "ε is DP-SGD's (ε, δ) guarantee per client from Opacus's RDP accountant; ∞ where no noise is added; — for defenses without a guarantee.",
     ]
-    write_comparison(runs, work, title=f"drivepriv · {cfg.name} · sweep over {defense} {strength}", strengths=values,
+    notes.insert(0, f"The first row is the baseline: the same run without {defense} (drawn as dashed lines in the plot).")
+    write_comparison(runs, work, title=f"drivepriv · {cfg.name} · sweep over {defense} {strength}", strengths=[float("nan"), *values],
                      x_label=f"{defense} {strength}", table_name="sweep.csv", notes=notes, command=command)
     # the run folders moved with the sweep: their links are relative, so they still resolve
     shutil.move(str(work), str(final))

@@ -37,8 +37,8 @@ def test_quick_run_writes_complete_report(two_runs):
         assert (run_dir / name).is_file(), name
     assert f"report: {run_dir / 'report.html'}" in r.stdout
     metrics = pd.read_csv(run_dir / "metrics.csv")
-    assert set(metrics["attack"]) == {"rgia", "dlg"}
-    assert len(metrics) == 2 * 2  # 2 attacks x 2 clients x 1 attacked round
+    assert set(metrics["attack"]) == {"rgia-k", "rgia", "dlg"}
+    assert len(metrics) == 3 * 2  # 3 attacks x 2 clients x 1 attacked round
     assert metrics[["ego_pos_err_m", "next_state_err_m", "dyn_residual_m"]].notna().all().all()
     versions = json.loads((run_dir / "versions.json").read_text())
     assert versions["torch"].startswith("2.13")

@@ -41,7 +41,7 @@ def test_report_opens_with_a_verdict_and_the_leakage_table(quick_run):
     assert "Privacy and utility" in html and "mean episode return" in html
     assert "drivepriv report" in html  # the reproducibility block says how to rebuild it
     leakage = pd.read_csv(quick_run / "leakage.csv")
-    assert set(leakage["attack"]) == {"rgia", "dlg"}
+    assert set(leakage["attack"]) == {"rgia-k", "rgia", "dlg"}
     pos = leakage[leakage["feature"] == "ego position"]
     assert ((pos["within"] >= 0) & (pos["within"] <= 1)).all() and (pos["n"] == 2 * 4).all()  # 2 clients x batch 4
     _links_resolve(quick_run / "report.html")
@@ -74,7 +74,7 @@ def test_compare_page_links_every_run(quick_run, tmp_path):
     r = run("report", str(quick_run), str(second), "--out", str(tmp_path / "cmp"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     table = pd.read_csv(tmp_path / "cmp" / "compare.csv")
-    assert len(table) == 4 and set(table["seed"]) == {0, 3}
+    assert len(table) == 2 * 3 and set(table["seed"]) == {0, 3}  # 2 runs x 3 attacks
     assert set(table["defenses"]) == {"none", "topk(fraction=0.1)"}
     page = tmp_path / "cmp" / "report.html"
     assert (tmp_path / "cmp" / "tradeoff.png").is_file()
@@ -111,8 +111,9 @@ def test_sweep_writes_table_plot_and_page(tmp_path):
     (sweep,) = (tmp_path / "merge").iterdir()
     assert sweep.name.startswith("merge-sweep-dpsgd-seed0-") and not sweep.name.endswith(".incomplete")
     table = pd.read_csv(sweep / "sweep.csv")
-    assert list(table["strength"]) == [0.0, 10.0]
-    assert table["epsilon"].iloc[0] == float("inf") and 0 < table["epsilon"].iloc[1] < 1
+    assert table["strength"].isna().iloc[0] and list(table["strength"].iloc[1:]) == [0.0, 10.0]  # baseline first
+    assert table["defenses"].iloc[0] == "none" and pd.isna(table["epsilon"].iloc[0])
+    assert table["epsilon"].iloc[1] == float("inf") and 0 < table["epsilon"].iloc[2] < 1
     assert table[["error_median", "within_share", "mean_return", "collision_rate"]].notna().all().all()
     assert (sweep / "tradeoff.png").stat().st_size > 10_000
     _links_resolve(sweep / "report.html")

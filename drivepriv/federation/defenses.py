@@ -85,7 +85,7 @@ class DPSGD(Defense):
     summary: ClassVar[str] = "DP-SGD: per-sample clipping + Gaussian noise, epsilon from Opacus's RDP accountant"
     kind: ClassVar[str] = "gradient"
     strength: ClassVar[str] = "noise"
-    grid: ClassVar[tuple[float, ...]] = (0.0, 0.3, 1.0, 3.0, 10.0)
+    grid: ClassVar[tuple[float, ...]] = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
     noise: float = 1.0
     clip: float = 1.0
     delta: float = 1e-5

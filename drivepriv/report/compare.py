@@ -90,14 +90,19 @@ def plot_tradeoff(table: pd.DataFrame, path: Path, x_label: str, title: str) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    numeric = table["strength"].notna().all()
+    numeric = table["strength"].notna().any()
+    baseline = table[table["strength"].isna()] if numeric else table.iloc[0:0]
+    table = table[table["strength"].notna()] if numeric else table
     labels = list(dict.fromkeys(table["run"]))
     xs_of = (lambda d: d["strength"].to_numpy(float)) if numeric else (lambda d: np.array([labels.index(r) for r in d["run"]], float))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     unit = str(table["unit"].iloc[0]) if isinstance(table["unit"].iloc[0], str) else ""
     for attack, d in table.groupby("attack", sort=False):
         x = xs_of(d)
-        ax1.errorbar(x, d["error_median"], yerr=[d["error_median"] - d["error_p25"], d["error_p75"] - d["error_median"]], marker="o", capsize=3, label=f"{attack}")
+        line = ax1.errorbar(x, d["error_median"], yerr=[d["error_median"] - d["error_p25"], d["error_p75"] - d["error_median"]], marker="o", capsize=3, label=f"{attack}")
+        base = baseline[baseline["attack"] == attack]
+        if not base.empty:
+            ax1.axhline(float(base["error_median"].iloc[0]), color=line[0].get_color(), linestyle=":", linewidth=1)
     ax1.set_ylabel(f"attack error: {table['headline'].iloc[0]} ({unit})" if unit else f"attack error: {table['headline'].iloc[0]}")
     ax1.set_yscale("log")
     ax1.set_title("privacy: attack error (median, IQR; higher = more private)", fontsize=10)
@@ -105,11 +110,15 @@ def plot_tradeoff(table: pd.DataFrame, path: Path, x_label: str, title: str) -> 
     util = table.drop_duplicates("run")
     x = xs_of(util)
     ax2.errorbar(x, util["mean_return"], yerr=util["std_return"], marker="s", color="tab:green", capsize=3, label="mean episode return")
+    if not baseline.empty:
+        ax2.axhline(float(baseline["mean_return"].iloc[0]), color="tab:green", linestyle=":", linewidth=1, label="without the defense")
     ax2.set_ylabel("mean episode return (± std over episodes)")
     ax2.set_title("utility of the trained policy", fontsize=10)
     if util["collision_rate"].notna().any():
         ax3 = ax2.twinx()
         ax3.plot(x, 100 * util["collision_rate"], marker="^", color="tab:red", linestyle="--", label="collision rate")
+        if not baseline.empty:
+            ax3.axhline(100 * float(baseline["collision_rate"].iloc[0]), color="tab:red", linestyle=":", linewidth=1)
         ax3.set_ylabel("collision rate (% of episodes)", color="tab:red")
         ax3.set_ylim(-5, 105)
     for ax in (ax1, ax2):
@@ -165,7 +174,8 @@ def write_comparison(run_dirs: list[Path], out_dir: Path, title: str, strengths:
     view = []
     for r in rows:
         view.append({
-            "run": r["run"], "link": Path(links[r["run"]]).as_posix(), "strength": "" if r["strength"] is None else _fmt(r["strength"]),
+            "run": r["run"], "link": Path(links[r["run"]]).as_posix(),
+            "strength": "" if r["strength"] is None else ("without" if math.isnan(float(r["strength"])) else _fmt(r["strength"])),
             "defenses": str(r["defenses"]), "epsilon": _fmt(r["epsilon"]), "attack": r["attack"], "seed": r["seed"],
             "error": f"{_fmt(r['error_median'])} [{_fmt(r['error_p25'])}, {_fmt(r['error_p75'])}]", "within": _fmt(r["within_share"], pct=True),
             "ret": f"{_fmt(r['mean_return'])} ± {_fmt(r['std_return'])}", "collision": _fmt(r["collision_rate"], pct=True),
