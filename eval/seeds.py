@@ -10,6 +10,7 @@ the per-seed medians), and prints the table.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="reports/eval")
     args = p.parse_args()
-    frames = []
+    frames, extras = [], []
     for seed in args.seeds:
         cfg = load_scenario(args.scenario)
         overrides = [(k.split("."), v) for k, v in QUICK.items()] if args.quick else []
@@ -52,11 +53,24 @@ def main() -> int:
         result = run_eval(cfg, command=" ".join(sys.argv), progress=False)
         frames.append(result.metrics)
         print(f"seed {seed}: {result.run_dir}", file=sys.stderr)
+        utility = json.loads((result.run_dir / "privacy_utility.json").read_text()).get("utility", {})
+        trips_path = result.run_dir / "trips_summary.csv"
+        trips = pd.read_csv(trips_path) if trips_path.is_file() else pd.DataFrame({"attack": result.metrics["attack"].unique()})
+        for _, t in trips.iterrows():
+            extras.append({"seed": seed, "attack": t["attack"], "mean_return": utility.get("mean_return"), "collision_rate": utility.get("collision_rate"),
+                           **{k: t.get(k) for k in ("trips", "longest", "link_precision", "link_recall", "ade_median_m", "fde_median_m", "reid_rate", "chance")}})
     rows = pd.concat(frames, ignore_index=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out / f"{args.scenario}-seeds.csv", index=False)
     md = table(rows)
+    if extras:
+        ex = pd.DataFrame(extras)
+        ex.to_csv(out / f"{args.scenario}-seeds-utility-trips.csv", index=False)
+        cols = list(ex.columns)
+        lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+        lines += ["| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r) + " |" for r in ex.itertuples(index=False)]
+        md += "\n\nUtility of the trained policy and trips, per seed:\n\n" + "\n".join(lines)
     (out / f"{args.scenario}-seeds.md").write_text(md + "\n")
     print(md)
     return 0
