@@ -75,18 +75,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.sweep:
         from drivepriv.sweep import run_sweep
 
-        sweep = run_sweep(cfg, args.sweep, _grid(args.grid), command=command, progress=not args.no_progress)
+        sweep = run_sweep(cfg, args.sweep, _grid(args.grid), command=command, progress=not args.no_progress, seeds=args.seeds)
         import pandas as pd
 
         table = pd.read_csv(sweep.table_path)
-        cols = ["strength", "epsilon", "attack", "error_median", "within_share", "mean_return", "collision_rate"]
+        cols = ["strength", "seeds", "epsilon", "attack", "error_median", "within_share", "mean_return", "collision_rate"]
         with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 3):
             print(table[cols].to_string(index=False))
-        print(f"\nseed {cfg.seed}; {time.perf_counter() - t0:.0f} s")
+        print(f"\n{len(sweep.runs)} runs; {time.perf_counter() - t0:.0f} s")
         print(f"report: {sweep.sweep_dir / 'report.html'}")
         return 0
-    if args.grid is not None:
-        raise ConfigError("--grid needs --sweep NAME (the defense whose strength it lists)")
+    if args.grid is not None or args.seeds is not None:
+        raise ConfigError("--grid and --seeds need --sweep NAME (--seed sets the seed of a single run)")
     result = run_eval(cfg, command=command, progress=not args.no_progress)
     import pandas as pd
 
@@ -184,6 +184,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "e.g. --defense dpsgd:noise=1.0,clip=1.0 --defense topk:fraction=0.1")
     e.add_argument("--sweep", metavar="DEFENSE", help="privacy-utility sweep: one run per strength of DEFENSE (e.g. dpsgd), with a table and a plot")
     e.add_argument("--grid", metavar="V1,V2,...", help="the strengths --sweep runs (default: the defense's own grid, see `drivepriv defenses`)")
+    e.add_argument("--seeds", type=int, nargs="+", metavar="N", help="--sweep: run every point with each of these seeds (default: --seed)")
     e.add_argument("--quick", action="store_true", help="a tiny run for tests and first tries")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)

@@ -39,8 +39,10 @@ def sweep_grid(defense: str, grid: list[float] | None) -> tuple[str, list[float]
     return cls.strength, values
 
 
-def run_sweep(cfg: RunConfig, defense: str, grid: list[float] | None = None, command: str = "", progress: bool = True) -> SweepResult:
-    """Run one evaluation per strength; write the sweep's table, plot and page."""
+def run_sweep(cfg: RunConfig, defense: str, grid: list[float] | None = None, command: str = "", progress: bool = True,
+              seeds: list[int] | None = None) -> SweepResult:
+    """Run one evaluation per strength and seed (default: the configuration's seed), plus the
+    baseline without the defense; write the sweep's tables, plot and page."""
     from drivepriv.pipeline import check_supported, run_eval
     from drivepriv.report.compare import write_comparison
 
@@ -51,33 +53,37 @@ def run_sweep(cfg: RunConfig, defense: str, grid: list[float] | None = None, com
         point = apply_overrides(cfg, [(["federation", "defenses"], [*cfg.federation.defenses, spec])], source=f"--sweep {defense} ({strength}={v:g})")
         points.append((v, point))
     check_supported(points[0][1])
+    seeds = list(dict.fromkeys(seeds or [cfg.seed]))
+    if any(s < 0 for s in seeds):
+        raise ConfigError(f"--seeds: expected integers >= 0, got {seeds}")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    sweep_id = f"{cfg.name}-sweep-{defense}-seed{cfg.seed}-{stamp}"
+    sweep_id = f"{cfg.name}-sweep-{defense}-seed{'-'.join(map(str, seeds))}-{stamp}"
     final = Path(cfg.out) / cfg.name / sweep_id
     work = final.with_name(sweep_id + ".incomplete")
     work.mkdir(parents=True, exist_ok=False)
     runs = []
+    total = len(points) * len(seeds)
     for i, (v, point) in enumerate(points):
-        what = f"without {defense}" if v is None else f"{strength} = {v:g}"
-        log.info("sweep %s: %s (%d/%d)", defense, what, i + 1, len(points))
-        if progress:
-            print(f"sweep {defense}: {what} ({i + 1}/{len(points)})", flush=True)
-        point = dataclasses.replace(point, out=str(work / "runs"))
-        run_id = f"{i:02d}-baseline" if v is None else f"{i:02d}-{strength}={v:g}"
-        res = run_eval(point, command=command, progress=progress, run_id=run_id)
-        runs.append(res.run_dir)
+        for seed in seeds:
+            what = (f"without {defense}" if v is None else f"{strength} = {v:g}") + f", seed {seed}"
+            log.info("sweep %s: %s (%d/%d)", defense, what, len(runs) + 1, total)
+            if progress:
+                print(f"sweep {defense}: {what} ({len(runs) + 1}/{total})", flush=True)
+            run_cfg = dataclasses.replace(point, out=str(work / "runs"), seed=seed)
+            run_id = (f"{i:02d}-baseline" if v is None else f"{i:02d}-{strength}={v:g}") + f"-seed{seed}"
+            res = run_eval(run_cfg, command=command, progress=progress, run_id=run_id)
+            runs.append(res.run_dir)
     notes = [
         f"Each point is a full run with the defense {defense} at {strength} = value, on top of {cfg.federation.defenses or 'no other defense'}; "
-        f"seed {cfg.seed} for every point (the same clients, traffic and attack seeds).",
+        f"seeds {', '.join(map(str, seeds))} at every point (per seed the same clients, traffic and attack seeds).",
         "ε is DP-SGD's (ε, δ) guarantee per client from Opacus's RDP accountant; ∞ where no noise is added; — for defenses without a guarantee.",
     ]
     notes.insert(0, f"The first row is the baseline: the same run without {defense} (drawn as dashed lines in the plot).")
-    write_comparison(runs, work, title=f"drivepriv · {cfg.name} · sweep over {defense} {strength}", strengths=[float("nan"), *values],
-                     x_label=f"{defense} {strength}", table_name="sweep.csv", notes=notes, command=command)
+    write_comparison(runs, work, title=f"drivepriv · {cfg.name} · sweep over {defense} {strength}", table_name="sweep.csv", notes=notes, command=command)
     # the run folders moved with the sweep: their links are relative, so they still resolve
     shutil.move(str(work), str(final))
     runs = [final / "runs" / cfg.name / r.name for r in runs]
-    return SweepResult(final, runs, final / "sweep.csv")
+    return SweepResult(final, runs, final / "sweep_summary.csv")
 
 
 __all__ = ["SweepResult", "run_sweep", "sweep_grid"]

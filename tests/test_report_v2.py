@@ -75,6 +75,8 @@ def test_compare_page_links_every_run(quick_run, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     table = pd.read_csv(tmp_path / "cmp" / "compare.csv")
     assert len(table) == 2 * 3 and set(table["seed"]) == {0, 3}  # 2 runs x 3 attacks
+    summary = pd.read_csv(tmp_path / "cmp" / "compare_summary.csv")
+    assert len(summary) == 2 * 3 and (summary["runs"] == 1).all()
     assert set(table["defenses"]) == {"none", "topk(fraction=0.1)"}
     page = tmp_path / "cmp" / "report.html"
     assert (tmp_path / "cmp" / "tradeoff.png").is_file()
@@ -105,16 +107,22 @@ def test_report_bad_input_is_a_clear_error(tmp_path):
 
 
 def test_sweep_writes_table_plot_and_page(tmp_path):
-    r = run("eval", "--scenario", "merge", "--quick", "--sweep", "dpsgd", "--grid", "0,10", "--attacks", "rgia",
+    r = run("eval", "--scenario", "merge", "--quick", "--sweep", "dpsgd", "--grid", "0,10", "--seeds", "0", "1", "--attacks", "rgia",
             "--set", "federation.eval_episodes=2", "--out", str(tmp_path), "--no-progress", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (sweep,) = (tmp_path / "merge").iterdir()
-    assert sweep.name.startswith("merge-sweep-dpsgd-seed0-") and not sweep.name.endswith(".incomplete")
-    table = pd.read_csv(sweep / "sweep.csv")
+    assert sweep.name.startswith("merge-sweep-dpsgd-seed0-1-") and not sweep.name.endswith(".incomplete")
+    runs = pd.read_csv(sweep / "sweep.csv")
+    assert len(runs) == 3 * 2 and sorted(set(runs["seed"])) == [0, 1]  # (baseline + 2 strengths) x 2 seeds
+    table = pd.read_csv(sweep / "sweep_summary.csv")
     assert table["strength"].isna().iloc[0] and list(table["strength"].iloc[1:]) == [0.0, 10.0]  # baseline first
+    assert (table["seeds"] == "0 1").all() and (table["runs"] == 2).all()
     assert table["defenses"].iloc[0] == "none" and pd.isna(table["epsilon"].iloc[0])
     assert table["epsilon"].iloc[1] == float("inf") and 0 < table["epsilon"].iloc[2] < 1
     assert table[["error_median", "within_share", "mean_return", "collision_rate"]].notna().all().all()
+    base = runs[runs["strength"].isna()]["mean_return"].mean()
+    means = runs.groupby("strength")["mean_return"].mean()
+    assert table["mean_return"].tolist() == pytest.approx([base, means[0.0], means[10.0]])
     assert (sweep / "tradeoff.png").stat().st_size > 10_000
     _links_resolve(sweep / "report.html")
     assert "strength" in r.stdout and "report:" in r.stdout

@@ -9,6 +9,7 @@ ADE/FDE and the re-identification rate.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,16 +26,29 @@ log = logging.getLogger(__name__)
 
 #: The columns of a comparison table (sweep.csv / compare.csv), in order.
 COMPARE_COLUMNS = [
-    "run", "scenario", "seed", "defenses", "strength", "epsilon", "attack", "headline", "unit",
+    "run", "scenario", "seed", "defenses", "swept", "strength", "epsilon", "attack", "headline", "unit",
     "error_median", "error_p25", "error_p75", "within_share", "tolerance", "transitions",
     "mean_return", "std_return", "collision_rate", "utility_episodes", "trips", "ade_m", "fde_m", "reid_rate", "reid_chance",
 ]
 
 
-def run_rows(run_dir: Path, strength: float | None = None) -> list[dict]:
+def swept(cfg) -> tuple[str | None, float]:
+    """The run's last defense that has a strength, and that strength (None, NaN: no such defense)."""
+    from drivepriv.federation.defenses import DEFENSES
+
+    for spec in reversed(cfg.federation.defenses):
+        cls = DEFENSES.get(spec["name"])
+        if cls.strength:
+            default = next(f.default for f in dataclasses.fields(cls) if f.name == cls.strength)
+            return cls.name, float(spec.get(cls.strength, default))
+    return None, float("nan")
+
+
+def run_rows(run_dir: Path) -> list[dict]:
     """One comparison row per attack of a finished run (read from its saved files)."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    swept_name, strength = swept(cfg)
     leakage_path = run_dir / "leakage.csv"
     if not leakage_path.is_file():
         raise ConfigError(f"{run_dir} has no leakage.csv: rebuild its report first (drivepriv report {run_dir})")
@@ -58,6 +72,7 @@ def run_rows(run_dir: Path, strength: float | None = None) -> list[dict]:
             "scenario": cfg.name,
             "seed": cfg.seed,
             "defenses": privacy.get("defenses", "none"),
+            "swept": swept_name or "",
             "strength": strength,
             "epsilon": privacy.get("epsilon", float("nan")),
             "attack": attack,
@@ -82,38 +97,77 @@ def run_rows(run_dir: Path, strength: float | None = None) -> list[dict]:
     return rows
 
 
-def plot_tradeoff(table: pd.DataFrame, path: Path, x_label: str, title: str) -> Path:
-    """Attack error (median and IQR per attack) and utility (mean return, collision rate)
-    against the defense strength (or the run, for a comparison)."""
+def aggregate(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration (scenario, defenses) x attack over its seeds.
+
+    ``error_median`` is the median over seeds of each run's median error; with several seeds
+    ``error_lo``/``error_hi`` are the lowest and highest run median (the spread across seeds),
+    with one seed the run's 25th/75th percentile over transitions. Utility: the mean over seeds
+    of the mean return, ``return_spread`` the standard deviation across seeds (one seed: across
+    its episodes), the mean collision rate."""
+    keys = ["scenario", "defenses", "swept", "strength", "attack"]
+    rows = []
+    for key, g in table.groupby(keys, sort=False, dropna=False):
+        many = len(g) > 1
+        rows.append({
+            **dict(zip(keys, key)),
+            "seeds": " ".join(str(s) for s in sorted(g["seed"])),
+            "runs": len(g),
+            "epsilon": g["epsilon"].astype(float).max(),
+            "headline": g["headline"].iloc[0],
+            "unit": g["unit"].iloc[0],
+            "tolerance": g["tolerance"].iloc[0],
+            "error_median": g["error_median"].median(),
+            "error_lo": g["error_median"].min() if many else g["error_p25"].iloc[0],
+            "error_hi": g["error_median"].max() if many else g["error_p75"].iloc[0],
+            "within_share": g["within_share"].mean(),
+            "mean_return": g["mean_return"].mean(),
+            "return_spread": g["mean_return"].std(ddof=0) if many else g["std_return"].iloc[0],
+            "collision_rate": g["collision_rate"].mean(),
+            "trips": g["trips"].mean(),
+            "ade_m": g["ade_m"].median(),
+            "fde_m": g["fde_m"].median(),
+            "reid_rate": g["reid_rate"].mean(),
+            "reid_chance": g["reid_chance"].mean(),
+        })
+    return pd.DataFrame(rows)
+
+
+def plot_tradeoff(agg: pd.DataFrame, path: Path, x_label: str, title: str) -> Path:
+    """Attack error (median and spread per attack) and utility (mean return, collision rate)
+    against the defense strength (a sweep; the baseline without the defense dashed) or the
+    configuration (a comparison). ``agg`` is :func:`aggregate`'s table."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    numeric = table["strength"].notna().any()
-    baseline = table[table["strength"].isna()] if numeric else table.iloc[0:0]
-    table = table[table["strength"].notna()] if numeric else table
-    labels = list(dict.fromkeys(table["run"]))
-    xs_of = (lambda d: d["strength"].to_numpy(float)) if numeric else (lambda d: np.array([labels.index(r) for r in d["run"]], float))
+    numeric = agg["strength"].notna().any()
+    baseline = agg[agg["strength"].isna()] if numeric else agg.iloc[0:0]
+    table = agg[agg["strength"].notna()] if numeric else agg
+    labels = list(dict.fromkeys(table["defenses"]))
+    xs_of = (lambda d: d["strength"].to_numpy(float)) if numeric else (lambda d: np.array([labels.index(r) for r in d["defenses"]], float))
+    several = (agg["runs"] > 1).any()
+    spread = "range over seeds" if several else "IQR over transitions"
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     unit = str(table["unit"].iloc[0]) if isinstance(table["unit"].iloc[0], str) else ""
     for attack, d in table.groupby("attack", sort=False):
         x = xs_of(d)
-        line = ax1.errorbar(x, d["error_median"], yerr=[d["error_median"] - d["error_p25"], d["error_p75"] - d["error_median"]], marker="o", capsize=3, label=f"{attack}")
+        line = ax1.errorbar(x, d["error_median"], yerr=[d["error_median"] - d["error_lo"], d["error_hi"] - d["error_median"]], marker="o", capsize=3, label=f"{attack}")
         base = baseline[baseline["attack"] == attack]
         if not base.empty:
             ax1.axhline(float(base["error_median"].iloc[0]), color=line[0].get_color(), linestyle=":", linewidth=1)
     ax1.set_ylabel(f"attack error: {table['headline'].iloc[0]} ({unit})" if unit else f"attack error: {table['headline'].iloc[0]}")
     ax1.set_yscale("log")
-    ax1.set_title("privacy: attack error (median, IQR; higher = more private)", fontsize=10)
+    ax1.set_title(f"privacy: attack error (median, {spread}; higher = more private)", fontsize=9)
     ax1.legend(fontsize=8)
-    util = table.drop_duplicates("run")
+    util = table.drop_duplicates(["defenses"])
     x = xs_of(util)
-    ax2.errorbar(x, util["mean_return"], yerr=util["std_return"], marker="s", color="tab:green", capsize=3, label="mean episode return")
+    ax2.errorbar(x, util["mean_return"], yerr=util["return_spread"], marker="s", color="tab:green", capsize=3, label="mean episode return")
     if not baseline.empty:
         ax2.axhline(float(baseline["mean_return"].iloc[0]), color="tab:green", linestyle=":", linewidth=1, label="without the defense")
-    ax2.set_ylabel("mean episode return (± std over episodes)")
-    ax2.set_title("utility of the trained policy", fontsize=10)
+    ax2.set_ylabel("mean episode return (± std " + ("across seeds)" if several else "over episodes)"))
+    ax2.set_title("utility of the trained policy" + (f" (mean over {int(agg['runs'].max())} seeds)" if several else ""), fontsize=9)
     if util["collision_rate"].notna().any():
         ax3 = ax2.twinx()
         ax3.plot(x, 100 * util["collision_rate"], marker="^", color="tab:red", linestyle="--", label="collision rate")
@@ -128,7 +182,7 @@ def plot_tradeoff(table: pd.DataFrame, path: Path, x_label: str, title: str) -> 
             pos = table["strength"].to_numpy(float)
             if (pos > 0).all() and pos.max() / pos.min() > 20:
                 ax.set_xscale("log")
-            elif (pos >= 0).all() and pos.max() > 20 * max(pos[pos > 0].min() if (pos > 0).any() else 1, 1e-12):
+            elif (pos >= 0).all() and (pos > 0).any() and pos.max() > 20 * pos[pos > 0].min():
                 ax.set_xscale("symlog", linthresh=float(pos[pos > 0].min()))
         else:
             ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=7)
@@ -154,9 +208,15 @@ def _fmt(v, pct: bool = False) -> str:
     return f"{f:.3g}"
 
 
-def write_comparison(run_dirs: list[Path], out_dir: Path, title: str, strengths: list[float] | None = None,
-                     x_label: str = "run", table_name: str = "compare.csv", notes: list[str] | None = None, command: str = "") -> Path:
-    """Write ``out_dir/report.html`` (table, plot, links to each run's report) and the table as CSV."""
+def write_comparison(run_dirs: list[Path], out_dir: Path, title: str, table_name: str = "compare.csv",
+                     notes: list[str] | None = None, command: str = "") -> Path:
+    """Write ``out_dir/report.html`` (the table over seeds, the plot, every run linked), the
+    per-run table (``table_name``) and the table over seeds (``<table>_summary.csv``).
+
+    Runs of one sweep (one defense at several strengths, and the baseline without it) are
+    drawn against the strength; other runs against their configuration."""
+    import datetime as _dt
+
     import jinja2
 
     from drivepriv import __version__
@@ -164,31 +224,47 @@ def write_comparison(run_dirs: list[Path], out_dir: Path, title: str, strengths:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, d in enumerate(run_dirs):
-        rows += run_rows(d, strengths[i] if strengths else None)
+    rows = [row for d in run_dirs for row in run_rows(d)]
     table = pd.DataFrame(rows, columns=COMPARE_COLUMNS)
+    sweep_names = set(table["swept"]) - {""}
+    is_sweep = len(sweep_names) == 1 and table.groupby("defenses")["swept"].first().isin([*sweep_names, ""]).all()
+    if not is_sweep:
+        table["strength"] = float("nan")
     table.to_csv(out_dir / table_name, index=False, float_format="%.6g")
-    plot = plot_tradeoff(table, out_dir / "tradeoff.png", x_label, title) if len(run_dirs) > 1 else None
-    links = {Path(d).name: os.path.relpath(Path(d) / "report.html", out_dir) for d in run_dirs}
-    view = []
-    for r in rows:
-        view.append({
-            "run": r["run"], "link": Path(links[r["run"]]).as_posix(),
-            "strength": "" if r["strength"] is None else ("without" if math.isnan(float(r["strength"])) else _fmt(r["strength"])),
-            "defenses": str(r["defenses"]), "epsilon": _fmt(r["epsilon"]), "attack": r["attack"], "seed": r["seed"],
-            "error": f"{_fmt(r['error_median'])} [{_fmt(r['error_p25'])}, {_fmt(r['error_p75'])}]", "within": _fmt(r["within_share"], pct=True),
-            "ret": f"{_fmt(r['mean_return'])} ± {_fmt(r['std_return'])}", "collision": _fmt(r["collision_rate"], pct=True),
-            "ade": _fmt(r["ade_m"]), "fde": _fmt(r["fde_m"]), "reid": _fmt(r["reid_rate"], pct=True), "chance": _fmt(r["reid_chance"], pct=True),
-        })
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), autoescape=True, undefined=jinja2.StrictUndefined)
-    import datetime as _dt
+    agg = aggregate(table)
+    if is_sweep:
+        agg = agg.sort_values("strength", na_position="first", kind="stable")
+    agg.to_csv(out_dir / table_name.replace(".csv", "_summary.csv"), index=False, float_format="%.6g")
+    x_label = f"{next(iter(sweep_names))} strength" if is_sweep else "configuration"
+    if is_sweep:
+        from drivepriv.federation.defenses import DEFENSES
 
+        name = next(iter(sweep_names))
+        x_label = f"{name} {DEFENSES.get(name).strength}"
+    plot = plot_tradeoff(agg, out_dir / "tradeoff.png", x_label, title) if agg["defenses"].nunique() > 1 else None
+    links = {Path(d).name: Path(os.path.relpath(Path(d) / "report.html", out_dir)).as_posix() for d in run_dirs}
+    several = bool((agg["runs"] > 1).any())
+
+    def view(r: dict, per_run: bool) -> dict:
+        lo, hi = (r["error_p25"], r["error_p75"]) if per_run else (r["error_lo"], r["error_hi"])
+        spread = r["std_return"] if per_run else r["return_spread"]
+        strength = r["strength"]
+        return {
+            "run": r.get("run", ""), "link": links.get(r.get("run", ""), ""), "seeds": str(r.get("seed", r.get("seeds", ""))),
+            "strength": "" if not is_sweep else ("without" if math.isnan(float(strength)) else _fmt(strength)),
+            "defenses": str(r["defenses"]), "epsilon": _fmt(r["epsilon"]), "attack": r["attack"],
+            "error": f"{_fmt(r['error_median'])} [{_fmt(lo)}, {_fmt(hi)}]", "within": _fmt(r["within_share"], pct=True),
+            "ret": f"{_fmt(r['mean_return'])} ± {_fmt(spread)}", "collision": _fmt(r["collision_rate"], pct=True),
+            "ade": _fmt(r["ade_m"]), "fde": _fmt(r["fde_m"]), "reid": _fmt(r["reid_rate"], pct=True), "chance": _fmt(r["reid_chance"], pct=True),
+        }
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), autoescape=True, undefined=jinja2.StrictUndefined)
     head = rows[0] if rows else {"headline": "", "unit": "", "tolerance": float("nan")}
     page = env.get_template("compare.html").render(
-        title=title, rows=view, plot=plot.name if plot else None, x_label=x_label, sweep=bool(strengths),
+        title=title, summary=[view(r, False) for r in agg.to_dict("records")], rows=[view(r, True) for r in rows],
+        several=several, plot=plot.name if plot else None, x_label=x_label, sweep=is_sweep,
         headline=head["headline"], unit=head["unit"], tolerance=_fmt(head["tolerance"]), table_name=table_name,
-        notes=notes or [], command=command, version=__version__,
+        summary_name=table_name.replace(".csv", "_summary.csv"), notes=notes or [], command=command, version=__version__,
         generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
     path = out_dir / "report.html"
@@ -199,4 +275,4 @@ def write_comparison(run_dirs: list[Path], out_dir: Path, title: str, strengths:
     return path
 
 
-__all__ = ["COMPARE_COLUMNS", "plot_tradeoff", "run_rows", "write_comparison"]
+__all__ = ["COMPARE_COLUMNS", "aggregate", "plot_tradeoff", "run_rows", "swept", "write_comparison"]
