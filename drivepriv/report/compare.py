@@ -183,7 +183,9 @@ def plot_tradeoff(agg: pd.DataFrame, path: Path, x_label: str, title: str) -> Pa
             if (pos > 0).all() and pos.max() / pos.min() > 20:
                 ax.set_xscale("log")
             elif (pos >= 0).all() and (pos > 0).any() and pos.max() > 20 * pos[pos > 0].min():
-                ax.set_xscale("symlog", linthresh=float(pos[pos > 0].min()))
+                lin = float(pos[pos > 0].min())
+                ax.set_xscale("symlog", linthresh=lin)  # 0 (e.g. clipping without noise) stays on the axis
+                ax.set_xlim(-0.3 * lin, pos.max() * 1.5)
         else:
             ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=7)
     fig.suptitle(title, fontsize=11)
