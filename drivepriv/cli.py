@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     # reductions split differently and rgia-k's choice among float-identical candidates moved
     # its error by 1e-5 m between runs); the attacks' many small operations lose nothing.
     torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False  # oneDNN's float32 kernels are not run-to-run reproducible (see pipeline.run_eval)
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         args = make_parser().parse_args(argv)

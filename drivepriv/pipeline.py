@@ -258,6 +258,9 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True, run_id: s
     # The networks are small: a second thread buys almost nothing and, on a shared 2-core
     # machine, thread contention made torch many times slower. One thread is also reproducible.
     torch.set_num_threads(1)
+    # oneDNN's float32 kernels round differently from run to run (measured: rgia-k's states moved
+    # by float32 noise, 1e-5 m, between two runs of the same seed); the plain CPU kernels do not
+    torch.backends.mkldnn.enabled = False
     attacked = resolve_attacked(cfg)
     fed = run_federation(cfg, attacked, progress=progress)
     fed.training.to_csv(work / "training.csv", index=False)

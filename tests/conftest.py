@@ -9,3 +9,4 @@ import torch  # noqa: E402
 # a second intra-op thread only adds contention (measured: the batch-of-eight rgia-k test
 # 31 s with torch's default threads, 8 s with one, while another process was busy).
 torch.set_num_threads(1)
+torch.backends.mkldnn.enabled = False  # as drivepriv's command line: reproducible float32 kernels
