@@ -44,11 +44,14 @@ class BatchRecord:
 
     @property
     def stem(self) -> str:
-        """File-name stem of the batch's media (``c{client}-r{round}``)."""
-        return f"c{self.client}-r{self.round}"
+        """File-name stem of the batch's media (``c{client}-r{round}``; ``secagg-r{round}``
+        for the sum of all clients' updates under secure aggregation, client -1)."""
+        return f"c{self.client}-r{self.round}" if self.client >= 0 else f"secagg-r{self.round}"
 
     @property
     def label(self) -> str:
+        if self.client < 0:
+            return f"all clients (secure aggregation) · round {self.round}"
         return f"client {self.client} · round {self.round}"
 
 

@@ -159,3 +159,11 @@ def test_cli_defense_writes_epsilon_and_rejects_bad_input(tmp_path):
                           "--defense", "dpsgd:noise=-1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "noise" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_secure_aggregation_batches_are_named_as_such():
+    from drivepriv.results import BatchRecord
+
+    rec = BatchRecord(-1, 3, {}, np.zeros((0, 2), dtype=np.int64))
+    assert rec.stem == "secagg-r3" and "secure aggregation" in rec.label
+    assert BatchRecord(2, 3, {}, np.zeros((0, 2))).stem == "c2-r3"

@@ -109,8 +109,7 @@ def _batch_media(cfg: RunConfig, run_dir: Path, rec: BatchRecord, codec, road, n
     from drivepriv.report import SceneBatch, draw_batch_figure, write_replay_video
 
     truth, recs = rec.truth, rec.recon
-    label = rec.label if rec.client >= 0 else f"all clients (secure aggregation) · round {rec.round}"
-    stem = rec.stem if rec.client >= 0 else f"secagg-r{rec.round}"
+    label, stem = rec.label, rec.stem
     fig = vid = None
     if codec.kind == "vector":
         rec_states = {n: r["states"] for n, r in recs.items()}

@@ -796,6 +796,11 @@ class _MetaDriveBackend:
     def begin(self, truth_state: np.ndarray, client: int, episode: int, step: int) -> None:
         from drivepriv.envs.metadrive import scenario_for_seed
 
+        if client < 0:
+            raise ConfigError(
+                "replay: under secure aggregation the batch mixes every client's transitions, so the MetaDrive map each "
+                "was driven on is unknown; replay a run without the secagg defense"
+            )
         scenario = scenario_for_seed(_episode_seed(self.cfg, client, episode), self.start_seed, self.num_scenarios)
         if scenario != self._scenario:
             self.spawn_route_m, self.ego_size_m = self._call("reset", scenario)
