@@ -49,7 +49,7 @@ import sys
 import traceback
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")
 os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
@@ -224,8 +224,14 @@ def _forbid_network() -> None:
     urllib.request.urlopen = refuse  # type: ignore[assignment]
 
 
-def _worker_main(conn: Any, config: dict[str, Any]) -> None:
-    """Run one MetaDriveEnv and serve ``(command, argument)`` requests until ``close`` or EOF."""
+def serve_metadrive(conn: Any, config: dict[str, Any], handle: Callable[[Any, str, Any], Any], ready: Callable[[Any], Any] = lambda env: None) -> None:
+    """Run one offline MetaDriveEnv in this (worker) process and answer ``(command, argument)``
+    requests on ``conn`` until ``close`` or EOF.
+
+    The network is refused and MetaDrive's asset download disabled before the engine starts.
+    Replies are ``("ok", payload)`` or ``("error", text)``: first ``ready(env)`` once the env
+    exists, then ``handle(env, command, argument)`` per request (``NotImplemented`` for an
+    unknown command). The env is closed whatever happens."""
     os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")
     os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
     env = None
@@ -246,7 +252,7 @@ def _worker_main(conn: Any, config: dict[str, Any]) -> None:
         from metadrive.envs.metadrive_env import MetaDriveEnv
 
         env = MetaDriveEnv(config)
-        conn.send(("ok", (env.observation_space, env.action_space)))
+        conn.send(("ok", ready(env)))
     except BaseException:  # noqa: BLE001  (reported to the parent)
         conn.send(("error", traceback.format_exc()))
         return
@@ -257,41 +263,52 @@ def _worker_main(conn: Any, config: dict[str, Any]) -> None:
             except (EOFError, OSError):
                 break  # the parent is gone
             try:
-                if cmd == "reset":
-                    obs, info = env.reset(seed=arg)
-                    conn.send(("ok", (np.asarray(obs, np.float32), _plain_info(info))))
-                elif cmd == "step":
-                    obs, reward, terminated, truncated, info = env.step(arg)
-                    conn.send(("ok", (np.asarray(obs, np.float32), float(reward), bool(terminated), bool(truncated), _plain_info(info))))
-                elif cmd == "render":
-                    frame = env.render(mode="topdown", window=False, **arg)
-                    conn.send(("ok", np.ascontiguousarray(frame, dtype=np.uint8)))
-                elif cmd == "truth":
-                    conn.send(("ok", _vehicle_truth(env)))
-                elif cmd == "network_check":  # for tests: is the network guard active here?
-                    try:
-                        import urllib.request
-
-                        urllib.request.urlretrieve("https://example.invalid/x", "/dev/null")
-                        conn.send(("ok", "allowed"))
-                    except NetworkForbiddenError:
-                        conn.send(("ok", "forbidden"))
-                elif cmd == "close":
+                if cmd == "close":
                     conn.send(("ok", None))
                     break
-                else:
+                payload = handle(env, cmd, arg)
+                if payload is NotImplemented:
                     conn.send(("error", f"unknown worker command {cmd!r}"))
+                else:
+                    conn.send(("ok", payload))
             except (EOFError, OSError, BrokenPipeError):
                 break
             except BaseException:  # noqa: BLE001
                 conn.send(("error", traceback.format_exc()))
     finally:
-        if env is not None:
-            try:
-                env.close()
-            except Exception:  # noqa: BLE001
-                pass
+        try:
+            env.close()
+        except Exception:  # noqa: BLE001
+            pass
         conn.close()
+
+
+def _handle(env: Any, cmd: str, arg: Any) -> Any:
+    """The driving worker's commands: reset, step, render, truth, network_check."""
+    if cmd == "reset":
+        obs, info = env.reset(seed=arg)
+        return np.asarray(obs, np.float32), _plain_info(info)
+    if cmd == "step":
+        obs, reward, terminated, truncated, info = env.step(arg)
+        return np.asarray(obs, np.float32), float(reward), bool(terminated), bool(truncated), _plain_info(info)
+    if cmd == "render":
+        return np.ascontiguousarray(env.render(mode="topdown", window=False, **arg), dtype=np.uint8)
+    if cmd == "truth":
+        return _vehicle_truth(env)
+    if cmd == "network_check":  # for tests: is the network guard active here?
+        try:
+            import urllib.request
+
+            urllib.request.urlretrieve("https://example.invalid/x", "/dev/null")
+            return "allowed"
+        except NetworkForbiddenError:
+            return "forbidden"
+    return NotImplemented
+
+
+def _worker_main(conn: Any, config: dict[str, Any]) -> None:
+    """Run one MetaDriveEnv and serve ``(command, argument)`` requests until ``close`` or EOF."""
+    serve_metadrive(conn, config, _handle, ready=lambda env: (env.observation_space, env.action_space))
 
 
 def _plain_info(info: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,6 @@ LEAKAGE_COLUMNS = ["attack", "feature", "unit", "tolerance", "within", "median",
 
 @dataclass(frozen=True)
 class _Feature:
-    key: str
     label: str
     unit: str
     tolerance: float
@@ -53,13 +52,13 @@ def _rows(attack: str, feature: _Feature, errors: np.ndarray) -> dict:
 
 
 KINEMATIC_FEATURES = {
-    "ego_pos": _Feature("ego_pos", "ego position", "m", 1.0),
-    "ego_lat": _Feature("ego_lat", "ego lateral position (lane)", "m", 1.0),
-    "ego_speed": _Feature("ego_speed", "ego speed", "m/s", 0.5),
-    "ego_heading": _Feature("ego_heading", "ego heading", "rad", 0.05),
-    "neigh_pos": _Feature("neigh_pos", "neighbour positions", "m", 2.0),
-    "neigh_count": _Feature("neigh_count", "number of neighbours", "vehicles", 0.0),
-    "next_ego_pos": _Feature("next_ego_pos", "ego position in s′", "m", 1.0),
+    "ego_pos": _Feature("ego position", "m", 1.0),
+    "ego_lat": _Feature("ego lateral position (lane)", "m", 1.0),
+    "ego_speed": _Feature("ego speed", "m/s", 0.5),
+    "ego_heading": _Feature("ego heading", "rad", 0.05),
+    "neigh_pos": _Feature("neighbour positions", "m", 2.0),
+    "neigh_count": _Feature("number of neighbours", "vehicles", 0.0),
+    "next_ego_pos": _Feature("ego position in s′", "m", 1.0),
 }
 
 
@@ -90,12 +89,12 @@ def _action_reward(attack: str, pairs: list[tuple[dict, dict]]) -> list[dict]:
     ta = np.concatenate([np.asarray(t["actions"]) for t, _ in pairs])
     ra = np.concatenate([np.asarray(r["actions"]) for _, r in pairs])
     if ta.ndim == 1:
-        act = _rows(attack, _Feature("action", "action (manoeuvre)", "", 0.0), (ta != ra).astype(float))
+        act = _rows(attack, _Feature("action (manoeuvre)", "", 0.0), (ta != ra).astype(float))
     else:
-        act = _rows(attack, _Feature("action", "action", "", DEFAULT_TOLERANCE), np.abs(ta - ra).mean(-1))
+        act = _rows(attack, _Feature("action", "", DEFAULT_TOLERANCE), np.abs(ta - ra).mean(-1))
     tr = np.concatenate([np.asarray(t["rewards"]) for t, _ in pairs])
     rr = np.concatenate([np.asarray(r["rewards"]) for _, r in pairs])
-    return [act, _rows(attack, _Feature("reward", "reward", "", 0.05), np.abs(tr - rr))]
+    return [act, _rows(attack, _Feature("reward", "", 0.05), np.abs(tr - rr))]
 
 
 def feature_leakage(records: list[BatchRecord], codec) -> pd.DataFrame:
@@ -123,7 +122,7 @@ def feature_leakage(records: list[BatchRecord], codec) -> pd.DataFrame:
                     per_group.setdefault(g, []).append(e)
             for g, es in per_group.items():
                 unit = codec.group_unit(g)
-                rows.append(_rows(attack, _Feature(g, g.replace("_", " "), unit, UNIT_TOLERANCE.get(unit, DEFAULT_TOLERANCE)), np.concatenate(es)))
+                rows.append(_rows(attack, _Feature(g.replace("_", " "), unit, UNIT_TOLERANCE.get(unit, DEFAULT_TOLERANCE)), np.concatenate(es)))
         rows += _action_reward(attack, pairs)
     return pd.DataFrame(rows, columns=LEAKAGE_COLUMNS)
 

@@ -157,9 +157,9 @@ def compute_trips(records: list[BatchRecord], codec) -> tuple[pd.DataFrame | Non
     return result.trips, result.summary, dict(result.help)
 
 
-def _settings(cfg: RunConfig, privacy: dict, utility: dict) -> dict[str, str]:
+def _settings(cfg: RunConfig, privacy: dict) -> dict[str, str]:
     fed = cfg.federation
-    out = {
+    return {
         "environment": cfg.env.id,
         "federation": f"{fed.clients} clients, {fed.rounds} rounds, {fed.strategy}" + (f" ({fed.local_steps} local steps)" if fed.strategy == "fedavg" else "") + f", batch {fed.batch_size}",
         "local algorithm": f"{cfg.agent.algorithm} (gamma {fed.gamma}, lr {fed.lr})",
@@ -170,7 +170,6 @@ def _settings(cfg: RunConfig, privacy: dict, utility: dict) -> dict[str, str]:
         "attack budget": f"{cfg.attack.iterations} iterations x {cfg.attack.restarts} restarts",
         "seed": str(cfg.seed),
     }
-    return out
 
 
 def privacy_utility_rows(privacy: dict, utility: dict) -> list[tuple[str, str]]:
@@ -224,7 +223,7 @@ def build_report(run_dir: Path, progress: bool = False) -> BuiltReport:
         title=f"drivepriv · {cfg.name}",
         scenario=cfg.name,
         description=cfg.description,
-        settings=_settings(cfg, privacy, utility),
+        settings=_settings(cfg, privacy),
         threat_model=THREAT_MODEL,
         summary=summary,
         metric_help=metric_help(codec),

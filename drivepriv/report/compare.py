@@ -197,17 +197,14 @@ def plot_tradeoff(agg: pd.DataFrame, path: Path, x_label: str, title: str) -> Pa
 
 
 def _fmt(v, pct: bool = False) -> str:
+    """The report's number format (:func:`drivepriv.report.html.format_number`); shares as percentages."""
+    from drivepriv.report.html import format_number
+
     try:
         f = float(v)
     except (TypeError, ValueError):
         return str(v)
-    if math.isnan(f):
-        return "—"
-    if math.isinf(f):
-        return "∞"
-    if pct:
-        return f"{100 * f:.0f}%"
-    return f"{f:.3g}"
+    return f"{100 * f:.0f}%" if pct and math.isfinite(f) else format_number(f)
 
 
 def write_comparison(run_dirs: list[Path], out_dir: Path, title: str, table_name: str = "compare.csv",

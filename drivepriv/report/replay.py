@@ -630,76 +630,38 @@ def _route_candidates(env: Any, f: dict[str, float], step_m: float = 0.25) -> di
 
 def _md_worker(conn: Any, config: dict[str, Any], panel_px: int, scaling: float) -> None:
     """Replay worker: one MetaDriveEnv (no traffic), commands reset / locate / draw / close."""
-    os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")
-    os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
-    env = None
-    import traceback
+    from drivepriv.envs.metadrive import serve_metadrive
 
-    try:
-        import warnings
-
-        warnings.filterwarnings("ignore")
-        from drivepriv.envs.metadrive import _forbid_network
-
-        _forbid_network()
-        from metadrive.engine.base_engine import BaseEngine
-
-        BaseEngine.try_pull_asset = staticmethod(lambda: None)  # never download assets
-        from metadrive.envs.metadrive_env import MetaDriveEnv
-
-        env = MetaDriveEnv(config)
-        conn.send(("ok", None))
-    except BaseException:  # noqa: BLE001  (reported to the parent)
-        conn.send(("error", traceback.format_exc()))
-        return
     render_kw = {"mode": "topdown", "window": False, "screen_size": (panel_px, panel_px), "scaling": scaling,
                  "film_size": (4000, 4000), "num_stack": 1}
-    try:
-        while True:
-            try:
-                cmd, arg = conn.recv()
-            except (EOFError, OSError):
-                break
-            try:
-                if cmd == "reset":
-                    env.reset(seed=int(arg))
-                    env.render(**render_kw)  # builds the top-down renderer (map drawn once per scenario)
-                    spawn = _route_candidates(env, {"border_left_m": 0.0, "heading_diff_rad": 0.0,
-                                                    **{k: 0.0 for k in _NAVI_FEATURES}})
-                    d = np.hypot(*(spawn["xy"] - np.asarray(env.agent.position)[None, :]).T)
-                    size = (float(env.agent.top_down_length), float(env.agent.top_down_width))
-                    conn.send(("ok", (float(spawn["route_m"][int(np.argmin(d))]), size)))
-                elif cmd == "locate":
-                    conn.send(("ok", _route_candidates(env, arg)))
-                elif cmd == "draw":
-                    agent = env.agent
-                    agent.set_position(tuple(float(v) for v in arg["xy"]))
-                    agent.set_heading_theta(float(arg["heading"]))
-                    r = env.engine.top_down_renderer
-                    r.position = [float(v) for v in arg["camera"]]
-                    frame = np.ascontiguousarray(env.render(**render_kw), dtype=np.uint8)
-                    canvas = r._frame_canvas
-                    cam = canvas.pos2pix(*r.position)
-                    off = (cam[0] - panel_px / 2, cam[1] - panel_px / 2)
-                    pix = [(canvas.pos2pix(float(x), float(y))[0] - off[0], canvas.pos2pix(float(x), float(y))[1] - off[1])
-                           for x, y in np.asarray(arg["points"], dtype=float).reshape(-1, 2)]
-                    conn.send(("ok", (frame, np.asarray(pix, dtype=float).reshape(-1, 2))))
-                elif cmd == "close":
-                    conn.send(("ok", None))
-                    break
-                else:
-                    conn.send(("error", f"unknown replay worker command {cmd!r}"))
-            except (EOFError, OSError, BrokenPipeError):
-                break
-            except BaseException:  # noqa: BLE001
-                conn.send(("error", traceback.format_exc()))
-    finally:
-        if env is not None:
-            try:
-                env.close()
-            except Exception:  # noqa: BLE001
-                pass
-        conn.close()
+
+    def handle(env: Any, cmd: str, arg: Any) -> Any:
+        if cmd == "reset":
+            env.reset(seed=int(arg))
+            env.render(**render_kw)  # builds the top-down renderer (map drawn once per scenario)
+            spawn = _route_candidates(env, {"border_left_m": 0.0, "heading_diff_rad": 0.0,
+                                            **{k: 0.0 for k in _NAVI_FEATURES}})
+            d = np.hypot(*(spawn["xy"] - np.asarray(env.agent.position)[None, :]).T)
+            size = (float(env.agent.top_down_length), float(env.agent.top_down_width))
+            return float(spawn["route_m"][int(np.argmin(d))]), size
+        if cmd == "locate":
+            return _route_candidates(env, arg)
+        if cmd == "draw":
+            agent = env.agent
+            agent.set_position(tuple(float(v) for v in arg["xy"]))
+            agent.set_heading_theta(float(arg["heading"]))
+            r = env.engine.top_down_renderer
+            r.position = [float(v) for v in arg["camera"]]
+            frame = np.ascontiguousarray(env.render(**render_kw), dtype=np.uint8)
+            canvas = r._frame_canvas
+            cam = canvas.pos2pix(*r.position)
+            off = (cam[0] - panel_px / 2, cam[1] - panel_px / 2)
+            pix = [(canvas.pos2pix(float(x), float(y))[0] - off[0], canvas.pos2pix(float(x), float(y))[1] - off[1])
+                   for x, y in np.asarray(arg["points"], dtype=float).reshape(-1, 2)]
+            return frame, np.asarray(pix, dtype=float).reshape(-1, 2)
+        return NotImplemented
+
+    serve_metadrive(conn, config, handle)
 
 
 class _MetaDriveBackend:
