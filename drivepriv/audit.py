@@ -18,7 +18,10 @@ be any ``nn.Module`` whose first layer is ``nn.Linear`` (any widths and activati
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import gymnasium as gym
@@ -119,6 +122,31 @@ def decode_observations(scenario: str | RunConfig, observations: np.ndarray) -> 
     return pd.DataFrame(rows)
 
 
+def _check_model(model: nn.Module, cfg: RunConfig, algorithm: str) -> int:
+    """The model's action count, after checking it fits the scenario and the algorithm."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    first = next((m for m in model.modules() if not list(m.children())), None)
+    if not linears or first is not linears[0] or linears[0].bias is None:
+        raise ConfigError("model: the first layer must be nn.Linear with a bias (an MLP on the flattened observation)")
+    codec = make_codec(cfg.env)
+    if linears[0].in_features != codec.obs_dim:
+        raise ConfigError(
+            f"model: the first layer takes {linears[0].in_features} inputs, but the scenario's observation has "
+            f"{codec.obs_dim} ({codec.vehicles_count} vehicles x {codec.n_features} features)"
+        )
+    n_actions = linears[-1].out_features - (1 if algorithm == "ppo" else 0)
+    env = _make_env(cfg.env)
+    env_actions = int(env.action_space.n)
+    env.close()
+    if n_actions != env_actions:
+        want = f"{env_actions + 1} (the {env_actions} action logits, then the value)" if algorithm == "ppo" else str(env_actions)
+        raise ConfigError(
+            f"model: the last layer has {linears[-1].out_features} outputs, but for algorithm='{algorithm}' on "
+            f"'{cfg.name}' it must have {want}: {env_actions} actions"
+        )
+    return n_actions
+
+
 def invert_gradients(
     model: nn.Module,
     gradients: Sequence[torch.Tensor],
@@ -153,10 +181,6 @@ def invert_gradients(
         raise ConfigError(f"algorithm '{algorithm}' is not supported; supported: {', '.join(SUPPORTED_ALGORITHMS)}")
     if batch_size < 1:
         raise ConfigError(f"batch_size: expected an integer >= 1, got {batch_size}")
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    first = next((m for m in model.modules() if not list(m.children())), None)
-    if not linears or first is not linears[0] or linears[0].bias is None:
-        raise ConfigError("model: the first layer must be nn.Linear with a bias (an MLP on the flattened observation)")
     params = list(model.parameters())
     if len(gradients) != len(params):
         raise ConfigError(f"gradients: expected {len(params)} tensors (one per model parameter), got {len(gradients)}")
@@ -169,21 +193,7 @@ def invert_gradients(
     cfg = _scenario(scenario, settings)
     cfg = apply_overrides(cfg, [(["seed"], seed)], source="seed")
     codec = make_codec(cfg.env)
-    if linears[0].in_features != codec.obs_dim:
-        raise ConfigError(
-            f"model: the first layer takes {linears[0].in_features} inputs, but the scenario's observation has "
-            f"{codec.obs_dim} ({codec.vehicles_count} vehicles x {codec.n_features} features)"
-        )
-    n_actions = linears[-1].out_features - (1 if algorithm == "ppo" else 0)
-    env = _make_env(cfg.env)
-    env_actions = int(env.action_space.n)
-    env.close()
-    if n_actions != env_actions:
-        want = f"{env_actions + 1} (the {env_actions} action logits, then the value)" if algorithm == "ppo" else str(env_actions)
-        raise ConfigError(
-            f"model: the last layer has {linears[-1].out_features} outputs, but for algorithm='{algorithm}' on "
-            f"'{cfg.name}' it must have {want}: {env_actions} actions"
-        )
+    n_actions = _check_model(model, cfg, algorithm)
     loss = DQNLossSpec(gamma=gamma) if algorithm == "dqn" else PPOLossSpec(gamma=gamma, vf_coef=vf_coef, ent_coef=ent_coef)
     wrapped = _FlatInput(copy.deepcopy(model), n_actions)
     target = _FlatInput(copy.deepcopy(target_model if target_model is not None else model), n_actions)
@@ -211,3 +221,89 @@ def invert_gradients(
         dones=rec.dones,
         grad_distance=rec.grad_distance,
     )
+
+
+def load_model_factory(spec: str) -> nn.Module:
+    """``package.module:Factory`` -> ``Factory()``, the deployment's (untrained) network."""
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ConfigError(f"--model {spec!r}: expected MODULE:FACTORY, e.g. my_app.task:Net (a callable returning the nn.Module)")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"--model {spec!r}: cannot import it ({e}); is the app's package on the Python path (PYTHONPATH=...)?") from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--model {spec!r}: returned {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
+def audit_capture(
+    capture: str | Path | list,
+    model: nn.Module,
+    scenario: str | RunConfig = "merge",
+    truth_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    attacks: list[str] | None = None,
+    settings: dict[str, Any] | None = None,
+    command: str = "",
+    progress: bool = True,
+):
+    """Attack what a :class:`~drivepriv.federation.curious.CuriousStrategy` captured in a Flower
+    deployment, score it against the clients' own record of their minibatches, and write the
+    same report as ``drivepriv eval`` (``<out>/<scenario>/audit-seed<seed>-<time>/``).
+
+    Args:
+        capture: the folder ``strategy.save()`` wrote, or the strategy's ``views``.
+        model: the deployment's network (its parameter names are those in the capture).
+        scenario: the scenario the clients drove: observation layout, road, reward, dynamics.
+        truth_dir: where the audited clients wrote their minibatches
+            (:func:`drivepriv.federation.flower_support.save_truth`). The attacks never read it.
+    """
+    from drivepriv.federation.flower_support import load_truth
+    from drivepriv.pipeline import attack_and_report, check_supported, start_run
+
+    cfg = _scenario(scenario, settings)
+    overrides: list = []
+    if out is not None:
+        overrides.append((["out"], str(out)))
+    if attacks:
+        overrides.append((["attack", "attacks"], list(attacks)))
+    cfg = apply_overrides(cfg, overrides, source="audit") if overrides else cfg
+    if isinstance(capture, (str, Path)):
+        from drivepriv.federation.curious import load_capture
+
+        views = load_capture(capture)
+    else:
+        views = list(capture)
+    if not views:
+        raise ConfigError("the capture holds no client update: were the watched rounds (CuriousStrategy rounds=...) run?")
+    losses = {type(v.loss) for v in views}
+    if losses - {DQNLossSpec, PPOLossSpec}:
+        raise ConfigError(f"the capture's loss {', '.join(t.__name__ for t in losses)} is not one the audit supports (DQNLossSpec, PPOLossSpec)")
+    algorithm = "ppo" if isinstance(views[0].loss, PPOLossSpec) else "dqn"
+    n_actions = _check_model(model, cfg, algorithm)
+    names = [k for k, _ in model.named_parameters()]
+    if list(views[0].params) != names:
+        raise ConfigError(f"the capture's arrays ({', '.join(list(views[0].params)[:4])}, ...) are not the model's parameters ({', '.join(names[:4])}, ...)")
+    if truth_dir is None:
+        raise ConfigError(
+            "scoring needs the clients' true minibatches (--truth DIR, written by the audited clients with save_truth); "
+            "to reconstruct without scoring, use drivepriv.audit.invert_gradients on each captured update"
+        )
+    truths = {}
+    for v in views:
+        t = load_truth(truth_dir, v.round, v.client)
+        if t is None:
+            raise ConfigError(f"{truth_dir}: no truth for round {v.round}, client {v.client} (file r{v.round}-c{v.client}.npz)")
+        truths[(v.round, v.client)] = t
+    cfg = apply_overrides(cfg, [(["agent", "algorithm"], algorithm)], source="audit")
+    check_supported(cfg)
+    wrapped = _FlatInput(copy.deepcopy(model), n_actions)
+    inner = lambda d: {"inner." + k: v for k, v in d.items()}  # noqa: E731 - the wrapper's parameter names
+    views = [dataclasses.replace(v, params=inner(v.params), target_params=inner(v.target_params)) for v in views]
+    work, final_dir = start_run(cfg, command, None, f"drivepriv audit (scenario {cfg.name})")
+    (work / "audit.json").write_text(json.dumps({"views": len(views), "truth_dir": str(truth_dir), "model": type(model).__name__}, indent=2))
+    return attack_and_report(cfg, wrapped, views, truths, work, final_dir, progress)

@@ -38,15 +38,16 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         overrides += [(k.split("."), v) for k, v in QUICK.items()]
     cfg = apply_overrides(cfg, overrides, source="--quick") if overrides else cfg
     explicit: list[tuple[list[str], Any]] = [parse_override(s) for s in args.set or []]
-    for flag, key in (("seed", "seed"), ("out", "out"), ("clients", "federation.clients"), ("rounds", "federation.rounds"), ("batch_size", "federation.batch_size")):
-        value = getattr(args, flag)
+    for flag, key in (("seed", "seed"), ("out", "out"), ("clients", "federation.clients"), ("rounds", "federation.rounds"),
+                      ("batch_size", "federation.batch_size"), ("engine", "federation.engine")):
+        value = getattr(args, flag, None)
         if value is not None:
             explicit.append((key.split("."), value))
     if args.defense:
         from drivepriv.federation.defenses import parse_defense
 
         explicit.append((["federation", "defenses"], [parse_defense(d) for d in args.defense]))
-    if args.attacks is not None:
+    if getattr(args, "attacks", None) is not None:
         explicit.append((["attack", "attacks"], [a.strip() for a in args.attacks.split(",") if a.strip()]))
     if args.clients is not None and not any(k == ["attack", "clients"] for k, _ in explicit):
         explicit.append((["attack", "clients"], [c for c in cfg.attack.clients if c < args.clients]))
@@ -95,6 +96,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"\nmedians over {result.metrics[['client', 'round']].drop_duplicates().shape[0]} attacked batches, seed {cfg.seed}; "
           f"{time.perf_counter() - t0:.0f} s")
     print(f"{result.verdict.get('headline', '')}")
+    print(f"report: {result.run_dir / 'report.html'}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from drivepriv.pipeline import run_train
+
+    cfg = build_config(args)
+    t0 = time.perf_counter()
+    run_dir, utility = run_train(cfg, command=_command(args), progress=not args.no_progress)
+    if utility:
+        print(f"final policy over {utility['episodes']:.0f} held-out episodes: return {utility['mean_return']:.2f} "
+              f"± {utility['std_return']:.2f}, collision rate {utility['collision_rate']:.0%}")
+    print(f"trained {cfg.federation.clients} clients x {cfg.federation.rounds} rounds on the {cfg.federation.engine} engine, "
+          f"seed {cfg.seed}; {time.perf_counter() - t0:.0f} s")
+    print(f"model: {run_dir / 'model.pt'}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from drivepriv.audit import audit_capture, load_model_factory
+
+    model = load_model_factory(args.model)
+    settings = {".".join(k): v for k, v in (parse_override(x) for x in args.set or [])}
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks else None
+    result = audit_capture(args.capture, model, scenario=args.scenario, truth_dir=args.truth, out=args.out, attacks=attacks,
+                           settings=settings, command=_command(args), progress=not args.no_progress)
+    print(result.verdict.get("headline", ""))
     print(f"report: {result.run_dir / 'report.html'}")
     return 0
 
@@ -166,28 +195,49 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="drivepriv", description="Privacy evaluation of federated RL for autonomous driving.")
-    p.add_argument("--version", action="version", version=f"drivepriv {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    e = sub.add_parser("eval", help="train a federation, attack what the server sees, score and report")
+def _run_options(e: argparse.ArgumentParser) -> None:
+    """The options eval and train share: which federation, how big, which defenses, which engine."""
     e.add_argument("--scenario", required=True, help="scenario name (see `drivepriv scenarios`) or path to a YAML file")
     e.add_argument("--seed", type=int, help="root seed (default: the scenario's, 0)")
     e.add_argument("--out", help="output root (default reports/); the run goes to OUT/<scenario>/<run-id>/")
     e.add_argument("--clients", type=int, help="number of clients")
     e.add_argument("--rounds", type=int, help="number of federated rounds")
     e.add_argument("--batch-size", type=int, help="minibatch size each client shares a gradient of")
-    e.add_argument("--attacks", help="comma-separated attacks (see `drivepriv attacks`), e.g. rgia,dlg")
+    e.add_argument("--engine", choices=["inprocess", "flower"],
+                   help="where the federation runs: inprocess (default) or flower (Flower's simulation engine on Ray; "
+                        'needs pip install -e ".[flower]"); same seed, same numbers')
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any configuration key, e.g. --set attack.iterations=800")
     e.add_argument("--defense", action="append", metavar="NAME[:KEY=VALUE,...]",
                    help="apply a defense before the server sees updates (repeatable, applied in order; see `drivepriv defenses`), "
                         "e.g. --defense dpsgd:noise=1.0,clip=1.0 --defense topk:fraction=0.1")
+    e.add_argument("--quick", action="store_true", help="a tiny run for tests and first tries")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="drivepriv", description="Privacy evaluation of federated RL for autonomous driving.")
+    p.add_argument("--version", action="version", version=f"drivepriv {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    e = sub.add_parser("eval", help="train a federation, attack what the server sees, score and report")
+    _run_options(e)
+    e.add_argument("--attacks", help="comma-separated attacks (see `drivepriv attacks`), e.g. rgia,dlg")
     e.add_argument("--sweep", metavar="DEFENSE", help="privacy-utility sweep: one run per strength of DEFENSE (e.g. dpsgd), with a table and a plot")
     e.add_argument("--grid", metavar="V1,V2,...", help="the strengths --sweep runs (default: the defense's own grid, see `drivepriv defenses`)")
     e.add_argument("--seeds", type=int, nargs="+", metavar="N", help="--sweep: run every point with each of these seeds (default: --seed)")
-    e.add_argument("--quick", action="store_true", help="a tiny run for tests and first tries")
-    e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
+    t = sub.add_parser("train", help="train a federation only: the final global model, training log and utility")
+    _run_options(t)
+    t.set_defaults(func=cmd_train)
+    au = sub.add_parser("audit", help="attack the updates a CuriousStrategy captured in a Flower deployment, score and report")
+    au.add_argument("capture", metavar="CAPTURE_DIR", help="the folder strategy.save() wrote (capture.pt)")
+    au.add_argument("--scenario", required=True, help="the scenario the clients drove (its observation layout and priors)")
+    au.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="the deployment's network: a callable returning the nn.Module, e.g. my_app.task:Net")
+    au.add_argument("--truth", metavar="DIR", help="the clients' true minibatches (save_truth files): needed to score the reconstruction")
+    au.add_argument("--attacks", help="comma-separated attacks (default: the scenario's)")
+    au.add_argument("--out", help="output root (default reports/)")
+    au.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a configuration key, e.g. --set attack.iterations=800")
+    au.add_argument("--no-progress", action="store_true", help="no progress bars")
+    au.set_defaults(func=cmd_audit)
     s = sub.add_parser("scenarios", help="list the scenario catalogue")
     s.set_defaults(func=cmd_scenarios)
     a = sub.add_parser("attacks", help="list the attack catalogue")

@@ -152,6 +152,15 @@ class FederationConfig:
     defenses: list[dict[str, Any]] = field(default_factory=list)
     #: Utility: greedy episodes of the final global policy on held-out seeds (0: skip).
     eval_episodes: int = 10
+    #: Where the federation runs: ``inprocess`` (the clients one after another in this process)
+    #: or ``flower`` (the same clients and server on Flower's simulation engine, on Ray; needs
+    #: ``pip install -e ".[flower]"``). Same seed, same numbers (tests/test_flower.py).
+    engine: Literal["inprocess", "flower"] = "inprocess"
+    #: Flower engine: CPUs each client takes (Ray schedules as many clients at once as fit).
+    flower_client_cpus: float = 1.0
+    #: Flower engine: the Ray cluster to join ("auto": the running cluster, see README);
+    #: empty: start a local Ray with this machine's CPUs.
+    ray_address: str = ""
 
     def validate(self, where: str) -> None:
         for key in ("clients", "rounds", "local_steps", "batch_size", "target_update_rounds"):
@@ -164,6 +173,8 @@ class FederationConfig:
                 raise ConfigError(f"{where}.{key}: expected an integer >= 0, got {v}")
         if self.lr <= 0:
             raise ConfigError(f"{where}.lr: expected a positive learning rate, got {self.lr}")
+        if self.flower_client_cpus <= 0:
+            raise ConfigError(f"{where}.flower_client_cpus: expected a positive number of CPUs, got {self.flower_client_cpus}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"{where}.gamma: expected a discount in [0, 1], got {self.gamma}")
         from drivepriv.federation.defenses import DefenseStack

@@ -61,15 +61,20 @@ class RunResult:
     verdict: dict
 
 
-def check_supported(cfg: RunConfig) -> None:
-    """Fail before any work starts on combinations this version cannot attack."""
+def check_supported(cfg: RunConfig, attacks: bool = True) -> None:
+    """Fail before any work starts on combinations this version cannot run (or, with
+    ``attacks``, cannot attack)."""
     env = make_env(cfg.env)  # unknown environment ids and simulator keys fail here
     try:
         obs_dim = int(np.prod(env.observation_space.shape))
         algorithm = make_algorithm(cfg, obs_dim, env.action_space)  # algorithm vs action space
     finally:
         env.close()
-    for name in cfg.attack.attacks:
+    if cfg.federation.engine == "flower":
+        from drivepriv.federation.flower_support import require_flower
+
+        require_flower()  # says which install command to run
+    for name in cfg.attack.attacks if attacks else []:
         attack = make_attack(name)  # unknown names fail here with a did-you-mean
         if algorithm.actions.continuous and not attack.continuous_actions:
             ok = [n for n in cfg.attack.attacks if make_attack(n).continuous_actions] or ["rgia", "dlg", "ig"]
@@ -239,11 +244,9 @@ class DynamicsResidual:
             self.env.close()
 
 
-def run_eval(cfg: RunConfig, command: str = "", progress: bool = True, run_id: str | None = None) -> RunResult:
-    """Train, attack, score and report. Output goes to ``<out>/<scenario>/<run-id>/``; while the
-    run is in progress the folder is named ``<run-id>.incomplete``."""
-    cfg = DefenseStack.from_specs(cfg.federation.defenses).configure(cfg)  # batch / local_steps defenses
-    check_supported(cfg)
+def start_run(cfg: RunConfig, command: str, run_id: str | None, default_command: str) -> tuple[Path, Path]:
+    """Create ``<out>/<scenario>/<run-id>.incomplete`` with config.yaml, versions.json and
+    run.json; return (work folder, final folder)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_id = run_id or f"{cfg.name}-seed{cfg.seed}-{stamp}"
     final_dir = Path(cfg.out) / cfg.name / run_id
@@ -252,8 +255,7 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True, run_id: s
     (work / "config.yaml").write_text(dump_yaml(cfg))
     (work / "versions.json").write_text(json.dumps(library_versions(), indent=2))
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    (work / "run.json").write_text(json.dumps({"run_id": run_id, "command": command or f"drivepriv eval --scenario {cfg.name} --seed {cfg.seed}", "seed": cfg.seed, "started": started}, indent=2))
-
+    (work / "run.json").write_text(json.dumps({"run_id": run_id, "command": command or default_command, "seed": cfg.seed, "started": started}, indent=2))
     seed_everything(cfg.seed)
     # The networks are small: a second thread buys almost nothing and, on a shared 2-core
     # machine, thread contention made torch many times slower. One thread is also reproducible.
@@ -261,28 +263,72 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True, run_id: s
     # oneDNN's float32 kernels round differently from run to run (measured: rgia-k's states moved
     # by float32 noise, 1e-5 m, between two runs of the same seed); the plain CPU kernels do not
     torch.backends.mkldnn.enabled = False
-    attacked = resolve_attacked(cfg)
-    fed = run_federation(cfg, attacked, progress=progress)
+    return work, final_dir
+
+
+def train_federation(cfg: RunConfig, work: Path, progress: bool, attacked: set[tuple[int, int]] | None = None):
+    """Train (in-process or on Flower; server views recorded for ``attacked``, by default the
+    configuration's), write training.csv and privacy_utility.json."""
+    fed = run_federation(cfg, resolve_attacked(cfg) if attacked is None else attacked, progress=progress)
     fed.training.to_csv(work / "training.csv", index=False)
     utility = evaluate_policy(cfg, fed.model, fed.algorithm, cfg.federation.eval_episodes)
     (work / "privacy_utility.json").write_text(json.dumps({"privacy": fed.privacy, "utility": utility}, indent=2))
+    return fed
 
+
+def run_train(cfg: RunConfig, command: str = "", progress: bool = True, run_id: str | None = None) -> tuple[Path, dict]:
+    """Train the federation only: training.csv, privacy_utility.json, the final global model
+    (model.pt: its state_dict) and the reproducibility files. Returns (run folder, utility)."""
+    cfg = DefenseStack.from_specs(cfg.federation.defenses).configure(cfg)
+    check_supported(cfg, attacks=False)
+    work, final_dir = start_run(cfg, command, run_id, f"drivepriv train --scenario {cfg.name} --seed {cfg.seed}")
+    fed = train_federation(cfg, work, progress, attacked=set())
+    utility = json.loads((work / "privacy_utility.json").read_text())["utility"]
+    torch.save(fed.model.state_dict(), work / "model.pt")
+    shutil.move(str(work), str(final_dir))
+    return final_dir, utility
+
+
+def run_eval(cfg: RunConfig, command: str = "", progress: bool = True, run_id: str | None = None) -> RunResult:
+    """Train, attack, score and report. Output goes to ``<out>/<scenario>/<run-id>/``; while the
+    run is in progress the folder is named ``<run-id>.incomplete``."""
+    cfg = DefenseStack.from_specs(cfg.federation.defenses).configure(cfg)  # batch / local_steps defenses
+    check_supported(cfg)
+    work, final_dir = start_run(cfg, command, run_id, f"drivepriv eval --scenario {cfg.name} --seed {cfg.seed}")
+    fed = train_federation(cfg, work, progress)
+    return attack_and_report(cfg, fed.model, fed.views, fed.truths, work, final_dir, progress)
+
+
+def attack_and_report(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    views: list[ServerView],
+    truths: dict[tuple[int, int], GroundTruth],
+    work: Path,
+    final_dir: Path,
+    progress: bool = True,
+) -> RunResult:
+    """Attack every server view (the attacker's input: the view and public priors), score each
+    reconstruction against its client's truth, save and report; then give ``work`` its final name.
+
+    ``model`` is the network the views' parameters belong to (any module whose first layer is
+    ``nn.Linear``); ``truths`` is keyed by (round, client) and read by the metrics only."""
     priors, dyn_stats, road = build_priors(cfg, progress)
     codec = priors.codec
     obs_shape = tuple(codec.obs_shape)
-    n_actions = fed.model.n_actions
+    n_actions = model.n_actions
     residual_of = DynamicsResidual(cfg, codec)
-    continuous = any(t.continuous for t in fed.truths.values())
+    continuous = any(t.continuous for t in truths.values())
     columns = metric_columns(codec, continuous)
     suffix = "_m" if codec.kind == "kinematics" else ""
 
     rows, timings = [], []
     records: list[BatchRecord] = []
-    views = sorted(fed.views, key=lambda v: (v.round, v.client))
+    views = sorted(views, key=lambda v: (v.round, v.client))
     bar = tqdm(total=len(views) * len(cfg.attack.attacks), desc="attack", unit="attack", disable=not progress, leave=False)
     for view in views:
-        truth = _truth(fed.truths[(view.round, view.client)])
-        inp = attack_input(fed.model, view, priors, obs_shape, n_actions)
+        truth = _truth(truths[(view.round, view.client)])
+        inp = attack_input(model, view, priors, obs_shape, n_actions)
         truth_residual = residual_of(truth.states, truth.actions, truth.next_states)
         recs: dict[str, tuple[Reconstruction, np.ndarray]] = {}
         for name in cfg.attack.attacks:
@@ -296,7 +342,7 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True, run_id: s
             timings.append({"attack": name, "client": view.client, "round": view.round, "seed": cfg.seed, "time_s": rec.time_s})
             recs[name] = (rec, perm)
             bar.update(1)
-        gt = fed.truths[(view.round, view.client)]
+        gt = truths[(view.round, view.client)]
         records.append(
             BatchRecord(
                 view.client,

@@ -3,6 +3,11 @@ import os
 os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")
 os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
 
+from drivepriv.federation.flower_support import OFFLINE_ENV  # noqa: E402
+
+# Flower and Ray read these when imported: no telemetry, usage statistics or downloads in tests
+os.environ.update({k: os.environ.get(k, v) for k, v in OFFLINE_ENV.items()})
+
 import torch  # noqa: E402
 
 # The attacks' batched searches are many small operations: on the 2-core machines we run on,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import pickle
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,13 +83,29 @@ def episode_seed(root: int, client: int, episode: int) -> int:
     return derive_seed(root, "client", client, "episode", episode)
 
 
+@dataclass
+class ClientUpdate:
+    """What one client produced in one round: the payload it sends and, kept apart, its truth."""
+
+    client: int
+    payload: tuple[torch.Tensor, ...]
+    #: One row of training.csv (the client's own progress).
+    row: dict[str, float]
+    #: DP-SGD: the sample rate of each local step, for the server's privacy accountant.
+    dp_rates: list[float] = field(default_factory=list)
+    #: The true minibatch(es): only when the round is attacked; read by metrics, never by attacks.
+    truth: GroundTruth | None = None
+
+
 class Client:
     """One vehicle / fleet: its own environment, seeds, replay buffer and exploration."""
 
-    def __init__(self, cid: int, cfg: RunConfig, obs_shape: tuple[int, ...], algorithm: LocalAlgorithm) -> None:
+    def __init__(self, cid: int, cfg: RunConfig, obs_shape: tuple[int, ...], algorithm: LocalAlgorithm, env=None) -> None:
+        """A new client; with ``env`` (an environment in mid-episode, see :meth:`restore`), it
+        takes that environment as it is instead of making and resetting one."""
         self.cid = cid
         self.cfg = cfg
-        self.env = make_env(cfg.env)
+        self.env = make_env(cfg.env) if env is None else env
         self.algorithm = algorithm
         self.rng = numpy_rng(cfg.seed, "client", cid)
         acts = algorithm.actions
@@ -99,7 +116,7 @@ class Client:
         self.episode_return = 0.0
         self.finished_returns: list[float] = []
         self.crashes: list[bool] = []
-        self.obs, _ = self.env.reset(seed=episode_seed(cfg.seed, cid, 0))
+        self.obs = self.env.reset(seed=episode_seed(cfg.seed, cid, 0))[0] if env is None else None
 
     def collect(self, model: torch.nn.Module, steps: int) -> None:
         for _ in range(steps):
@@ -118,6 +135,123 @@ class Client:
                 self.episode_return = 0.0
                 self.obs, _ = self.env.reset(seed=episode_seed(self.cfg.seed, self.cid, self.episode))
 
+    def train_round(
+        self,
+        rnd: int,
+        model: torch.nn.Module,
+        params: dict[str, torch.Tensor],
+        target_params: dict[str, torch.Tensor],
+        stack: DefenseStack,
+        record_truth: bool,
+    ) -> ClientUpdate:
+        """One round: collect with the global policy (``model`` holds ``params``), train locally
+        (one gradient under FedSGD, K SGD steps under FedAvg), apply the client-side defenses."""
+        fed = self.cfg.federation
+        algorithm = self.algorithm
+        loss_spec = algorithm.loss_spec()
+        dp = stack.dpsgd
+        steps = fed.env_steps_per_round + (fed.warmup_steps if rnd == 0 else 0)
+        self.collect(model, steps)
+        rng = numpy_rng(self.cfg.seed, "client", self.cid, "round", rnd, "minibatch")
+        batches: list[dict[str, np.ndarray]] = []
+        origins: list[np.ndarray] = []
+        rates: list[float] = []
+        # on-policy: the minibatch is drawn from the round's own rollout
+        recent = steps if algorithm.on_policy else None
+
+        def local_gradient(at: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, ...]:
+            batch, idx = self.buffer.sample(fed.batch_size, rng, recent=recent)
+            batches.append(batch.numpy())
+            origins.append(self.buffer.origin[idx].copy())
+            if dp is None:
+                return loss_spec.gradient(model, at, target_params, batch)
+            rates.append(fed.batch_size / (recent or self.buffer.size))
+            per_sample = [loss_spec.gradient(model, at, target_params, _row(batch, i)) for i in range(len(batch))]
+            return dp.privatize(per_sample, torch_generator(self.cfg.seed, "dpsgd", self.cid, rnd, step))
+
+        if fed.strategy == "fedsgd":
+            payload = local_gradient(params, 0)
+        else:
+            local = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+            for step in range(fed.local_steps):
+                grads = local_gradient(local, step)
+                local = {k: (v - fed.lr * g).detach().requires_grad_(True) for (k, v), g in zip(local.items(), grads)}
+            payload = tuple((local[k] - params[k]).detach() for k in params)
+        payload = tuple(p.detach().clone() for p in payload)
+        payload = stack.apply(payload, torch_generator(self.cfg.seed, "defense", self.cid, rnd))
+        last = self.finished_returns[-5:]
+        row = {
+            "round": rnd,
+            "client": self.cid,
+            "env_steps": self.env_steps,
+            "episodes": self.episode,
+            "mean_return_last5": float(np.mean(last)) if last else float("nan"),
+            "crash_rate_last5": float(np.mean(self.crashes[-5:])) if self.crashes else float("nan"),
+        }
+        truth = GroundTruth(rnd, self.cid, batches, origins, algorithm.actions.continuous) if record_truth else None
+        return ClientUpdate(self.cid, payload, row, rates, truth)
+
+    def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+        """The client's state as arrays and plain values (for engines that keep no process per
+        client, e.g. Flower's); :meth:`restore` rebuilds the client from it."""
+        n = self.buffer.size
+        b = self.buffer
+        arrays = {k: getattr(b, k)[:n].copy() for k in ("states", "next_states", "actions", "rewards", "dones", "origin")}
+        arrays["obs"] = np.array(self.obs, copy=True)
+        try:  # highway-env and the control tasks pickle (9 kB, under 1 ms); MetaDrive's worker does not
+            arrays["env"] = np.frombuffer(pickle.dumps(self.env), dtype=np.uint8)
+        except Exception:  # noqa: BLE001 - any simulator that cannot be pickled is replayed instead
+            pass
+        meta = {
+            "size": n,
+            "next": b._next,
+            "env_steps": self.env_steps,
+            "episode": self.episode,
+            "episode_step": self.episode_step,
+            "episode_return": self.episode_return,
+            "finished_returns": list(self.finished_returns),
+            "crashes": [bool(c) for c in self.crashes],
+            "rng": self.rng.bit_generator.state,
+        }
+        return arrays, meta
+
+    @classmethod
+    def restore(cls, cid: int, cfg: RunConfig, obs_shape: tuple[int, ...], algorithm: LocalAlgorithm, arrays: dict[str, np.ndarray], meta: dict) -> "Client":
+        """Rebuild a client from :meth:`snapshot`: the buffer, counters and generator are copied;
+        the environment is unpickled where it could be pickled, else reset to the current
+        episode's seed and the episode's actions so far (from the buffer) are replayed; either
+        way it must land on the saved observation."""
+        env = pickle.loads(arrays["env"].tobytes()) if "env" in arrays else None
+        c = cls(cid, cfg, obs_shape, algorithm, env=env if env is not None else make_env(cfg.env))
+        b = c.buffer
+        n = int(meta["size"])
+        for k in ("states", "next_states", "actions", "rewards", "dones", "origin"):
+            getattr(b, k)[:n] = arrays[k]
+        b.size, b._next = n, int(meta["next"])
+        c.env_steps, c.episode, c.episode_step = int(meta["env_steps"]), int(meta["episode"]), int(meta["episode_step"])
+        c.episode_return = float(meta["episode_return"])
+        c.finished_returns = [float(x) for x in meta["finished_returns"]]
+        c.crashes = [bool(x) for x in meta["crashes"]]
+        c.rng.bit_generator.state = meta["rng"]
+        if c.episode_step > b.size:
+            raise RuntimeError(f"client {cid}: its current episode ({c.episode_step} steps) is longer than its replay buffer; cannot restore it")
+        if env is not None:
+            c.obs = arrays["obs"].copy()
+            return c
+        obs, _ = c.env.reset(seed=episode_seed(cfg.seed, cid, c.episode))
+        for i in range(c.episode_step):
+            j = (b._next - c.episode_step + i) % b.capacity
+            if tuple(b.origin[j]) != (c.episode, i):
+                raise RuntimeError(f"client {cid}: buffer row {j} is not step {i} of episode {c.episode}; cannot restore it")
+            obs, *_ = c.env.step(algorithm.env_action(b.actions[j]))
+        if not np.array_equal(np.asarray(obs), arrays["obs"]):
+            raise RuntimeError(
+                f"client {cid}: replaying episode {c.episode} did not reproduce the saved observation "
+                f"(the simulator is not deterministic under reset(seed) and the same actions)"
+            )
+        c.obs = obs
+        return c
+
     def close(self) -> None:
         self.env.close()
 
@@ -126,116 +260,140 @@ def _row(batch: Batch, i: int) -> Batch:
     return Batch(*(t[i : i + 1] for t in (batch.states, batch.actions, batch.rewards, batch.next_states, batch.dones)))
 
 
+def merge_truths(rnd: int, truths: list[GroundTruth]) -> GroundTruth:
+    """Secure aggregation: all clients' minibatches behind the one aggregate the server sees (client -1)."""
+    steps = range(len(truths[0].batches))
+    merged = [{k: np.concatenate([t.batches[s][k] for t in truths]) for k in truths[0].batches[s]} for s in steps]
+    origins = [np.concatenate([t.origins[s] for t in truths]) for s in steps]
+    return GroundTruth(rnd, -1, merged, origins, truths[0].continuous)
+
+
+class Server:
+    """The server: global model and target network, optimiser, privacy accounting, and the
+    record of what it saw for the attacked (round, client) pairs. Engines (in-process, Flower)
+    move the messages; the server logic is this one class."""
+
+    def __init__(self, cfg: RunConfig, algorithm: LocalAlgorithm, attacked: set[tuple[int, int]]) -> None:
+        fed = cfg.federation
+        self.cfg = cfg
+        self.algorithm = algorithm
+        self.attacked = attacked
+        self.stack = DefenseStack.from_specs(fed.defenses)
+        dp = self.stack.dpsgd
+        self.accountant = PrivacyAccountant(dp, fed.clients) if dp is not None else None
+        torch.manual_seed(derive_seed(cfg.seed, "model-init"))
+        self.model = algorithm.build_model()
+        self.target = copy.deepcopy(self.model)
+        self.loss_spec = algorithm.loss_spec()
+        if fed.server_optimizer == "adam":
+            self.opt: torch.optim.Optimizer = torch.optim.Adam(self.model.parameters(), lr=fed.lr)
+        else:
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=fed.lr)
+        self.views: list[ServerView] = []
+        self.truths: dict[tuple[int, int], GroundTruth] = {}
+        self.rows: list[dict[str, float]] = []
+
+    def records(self, rnd: int, client: int) -> bool:
+        """Whether the client's minibatch behind this round's update is kept for the metrics."""
+        if self.stack.secagg:
+            return any(r == rnd for r, _ in self.attacked)
+        return (rnd, client) in self.attacked
+
+    def broadcast(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The global parameters and the parameters clients bootstrap from (the target network;
+        on-policy algorithms: the parameters that collect the data)."""
+        params = {k: v.detach().clone() for k, v in self.model.named_parameters()}
+        source = self.model if self.algorithm.on_policy else self.target
+        return params, {k: v.detach().clone() for k, v in source.named_parameters()}
+
+    def view(self, rnd: int, client: int, params, target_params, payload, batch_size: int) -> ServerView:
+        fed = self.cfg.federation
+        return ServerView(rnd, client, fed.strategy, params, target_params, payload, batch_size, fed.local_steps, fed.lr, self.loss_spec)
+
+    def receive(self, rnd: int, params, target_params, updates: list[ClientUpdate], record: bool = True) -> None:
+        """Account, record (unless the engine's own strategy records) and aggregate one round's
+        updates, in client order whatever order they arrived in; then step the global model."""
+        fed = self.cfg.federation
+        updates = sorted(updates, key=lambda u: u.client)
+        for u in updates:
+            for q in u.dp_rates:
+                self.accountant.step(u.client, q)
+            self.rows.append(u.row)
+            if u.truth is not None and not self.stack.secagg:
+                self.truths[(rnd, u.client)] = u.truth
+                if record:
+                    self.views.append(self.view(rnd, u.client, params, target_params, u.payload, fed.batch_size))
+        mean = [torch.stack(ps).mean(0) for ps in zip(*(u.payload for u in updates))]
+        recorded = [u.truth for u in updates if u.truth is not None]
+        if self.stack.secagg and recorded:  # secure aggregation: the server sees the sum (here its mean) alone
+            if record:
+                self.views.append(self.view(rnd, -1, params, target_params, tuple(m.clone() for m in mean), len(updates) * fed.batch_size))
+            self.truths[(rnd, -1)] = merge_truths(rnd, recorded)
+        if fed.strategy == "fedsgd":
+            self.opt.zero_grad()
+            for p, g in zip(self.model.parameters(), mean):
+                p.grad = g.clone()
+            self.opt.step()
+        else:
+            with torch.no_grad():
+                for p, d in zip(self.model.parameters(), mean):
+                    p.add_(d)
+        if (rnd + 1) % fed.target_update_rounds == 0:
+            self.target.load_state_dict(self.model.state_dict())
+
+    def result(self, views: list[ServerView] | None = None) -> FederationResult:
+        final = {k: v.detach().clone() for k, v in self.model.named_parameters()}
+        privacy: dict[str, object] = {"defenses": self.stack.describe()}
+        dp = self.stack.dpsgd
+        if dp is not None:
+            privacy.update(epsilon=self.accountant.epsilon(), delta=dp.delta, noise_multiplier=dp.noise, clip=dp.clip, accountant="opacus RDP")
+        return FederationResult(
+            model=self.model,
+            views=self.views if views is None else views,
+            truths=self.truths,
+            training=pd.DataFrame(self.rows),
+            final_params=final,
+            privacy=privacy,
+            algorithm=self.algorithm,
+        )
+
+
+def setup(cfg: RunConfig) -> tuple[tuple[int, ...], LocalAlgorithm]:
+    """The observation shape and the local algorithm of a scenario (from a probe environment)."""
+    probe = make_env(cfg.env)
+    obs_shape = probe.observation_space.shape
+    algorithm = make_algorithm(cfg, int(np.prod(obs_shape)), probe.action_space)
+    probe.close()
+    return obs_shape, algorithm
+
+
 def run_federation(cfg: RunConfig, attacked: set[tuple[int, int]], progress: bool = True) -> FederationResult:
     """Train the federation; record server views and ground truth for ``attacked`` (round, client) pairs.
 
     Defenses (``federation.defenses``) act where a real deployment applies them: DP-SGD on
     each local step's per-sample gradients, update defenses on the payload before it leaves
     the client, secure aggregation on what the server is shown (then one view per attacked
-    round, client -1, holding the mean of all clients' updates over their N x B transitions)."""
-    fed = cfg.federation
-    stack = DefenseStack.from_specs(fed.defenses)
-    dp = stack.dpsgd
-    accountant = PrivacyAccountant(dp, fed.clients) if dp is not None else None
-    probe = make_env(cfg.env)
-    obs_shape = probe.observation_space.shape
-    algorithm = make_algorithm(cfg, int(np.prod(obs_shape)), probe.action_space)
-    probe.close()
+    round, client -1, holding the mean of all clients' updates over their N x B transitions).
 
-    torch.manual_seed(derive_seed(cfg.seed, "model-init"))
-    model = algorithm.build_model()
-    target = copy.deepcopy(model)
-    loss_spec = algorithm.loss_spec()
-    # on-policy: the minibatch is drawn from the round's own rollout
-    if fed.server_optimizer == "adam":
-        server_opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=fed.lr)
-    else:
-        server_opt = torch.optim.SGD(model.parameters(), lr=fed.lr)
+    ``federation.engine``: ``inprocess`` runs the clients in this process, one after another;
+    ``flower`` runs the same clients and server on Flower's simulation engine
+    (:mod:`drivepriv.federation.flower`)."""
+    if cfg.federation.engine == "flower":
+        from drivepriv.federation.flower import run_flower
 
-    clients = [Client(i, cfg, obs_shape, algorithm) for i in range(fed.clients)]
-    views: list[ServerView] = []
-    truths: dict[tuple[int, int], GroundTruth] = {}
-    rows = []
-    bar = tqdm(range(fed.rounds), desc="train", unit="round", disable=not progress, leave=False)
-    for rnd in bar:
-        params = {k: v.detach().clone() for k, v in model.named_parameters()}
-        # on-policy algorithms bootstrap from the parameters that collected the data
-        source = model if algorithm.on_policy else target
-        target_params = {k: v.detach().clone() for k, v in source.named_parameters()}
-        payloads = []
-        round_truth: list[GroundTruth] = []
-        for client in clients:
-            steps = fed.env_steps_per_round + (fed.warmup_steps if rnd == 0 else 0)
-            client.collect(model, steps)
-            rng = numpy_rng(cfg.seed, "client", client.cid, "round", rnd, "minibatch")
-            batches, origins = [], []
-
-            def local_gradient(at: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, ...]:
-                recent = steps if algorithm.on_policy else None
-                batch, idx = client.buffer.sample(fed.batch_size, rng, recent=recent)
-                batches.append(batch.numpy())
-                origins.append(client.buffer.origin[idx].copy())
-                if dp is None:
-                    return loss_spec.gradient(model, at, target_params, batch)
-                accountant.step(client.cid, fed.batch_size / (recent or client.buffer.size))
-                per_sample = [loss_spec.gradient(model, at, target_params, _row(batch, i)) for i in range(len(batch))]
-                return dp.privatize(per_sample, torch_generator(cfg.seed, "dpsgd", client.cid, rnd, step))
-
-            if fed.strategy == "fedsgd":
-                payload = local_gradient(params, 0)
-            else:
-                local = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-                for step in range(fed.local_steps):
-                    grads = local_gradient(local, step)
-                    local = {k: (v - fed.lr * g).detach().requires_grad_(True) for (k, v), g in zip(local.items(), grads)}
-                payload = tuple((local[k] - params[k]).detach() for k in params)
-            payload = tuple(p.detach().clone() for p in payload)
-            payload = stack.apply(payload, torch_generator(cfg.seed, "defense", client.cid, rnd))
-            payloads.append(payload)
-            if stack.secagg:
-                if any(r == rnd for r, _ in attacked):
-                    round_truth.append(GroundTruth(rnd, client.cid, batches, origins, algorithm.actions.continuous))
-            elif (rnd, client.cid) in attacked:
-                views.append(
-                    ServerView(rnd, client.cid, fed.strategy, params, target_params, payload, fed.batch_size, fed.local_steps, fed.lr, loss_spec)
-                )
-                truths[(rnd, client.cid)] = GroundTruth(rnd, client.cid, batches, origins, algorithm.actions.continuous)
-            recent = client.finished_returns[-5:]
-            rows.append(
-                {
-                    "round": rnd,
-                    "client": client.cid,
-                    "env_steps": client.env_steps,
-                    "episodes": client.episode,
-                    "mean_return_last5": float(np.mean(recent)) if recent else float("nan"),
-                    "crash_rate_last5": float(np.mean(client.crashes[-5:])) if client.crashes else float("nan"),
-                }
-            )
-        mean = [torch.stack(ps).mean(0) for ps in zip(*payloads)]
-        if round_truth:  # secure aggregation: the server sees the sum (here its mean) alone
-            n = len(clients)
-            views.append(ServerView(rnd, -1, fed.strategy, params, target_params, tuple(m.clone() for m in mean), n * fed.batch_size, fed.local_steps, fed.lr, loss_spec))
-            merged = [{k: np.concatenate([t.batches[s][k] for t in round_truth]) for k in round_truth[0].batches[s]} for s in range(len(round_truth[0].batches))]
-            merged_origins = [np.concatenate([t.origins[s] for t in round_truth]) for s in range(len(round_truth[0].origins))]
-            truths[(rnd, -1)] = GroundTruth(rnd, -1, merged, merged_origins, algorithm.actions.continuous)
-        if fed.strategy == "fedsgd":
-            server_opt.zero_grad()
-            for p, g in zip(model.parameters(), mean):
-                p.grad = g.clone()
-            server_opt.step()
-        else:
-            with torch.no_grad():
-                for p, d in zip(model.parameters(), mean):
-                    p.add_(d)
-        if (rnd + 1) % fed.target_update_rounds == 0:
-            target.load_state_dict(model.state_dict())
-    for c in clients:
-        c.close()
-    final = {k: v.detach().clone() for k, v in model.named_parameters()}
-    privacy: dict[str, object] = {"defenses": stack.describe()}
-    if dp is not None:
-        privacy.update(epsilon=accountant.epsilon(), delta=dp.delta, noise_multiplier=dp.noise, clip=dp.clip, accountant="opacus RDP")
-    return FederationResult(model=model, views=views, truths=truths, training=pd.DataFrame(rows), final_params=final, privacy=privacy, algorithm=algorithm)
+        return run_flower(cfg, attacked, progress=progress)
+    obs_shape, algorithm = setup(cfg)
+    server = Server(cfg, algorithm, attacked)
+    clients = [Client(i, cfg, obs_shape, algorithm) for i in range(cfg.federation.clients)]
+    try:
+        for rnd in tqdm(range(cfg.federation.rounds), desc="train", unit="round", disable=not progress, leave=False):
+            params, target_params = server.broadcast()
+            updates = [c.train_round(rnd, server.model, params, target_params, server.stack, server.records(rnd, c.cid)) for c in clients]
+            server.receive(rnd, params, target_params, updates)
+    finally:
+        for c in clients:
+            c.close()
+    return server.result()
 
 
 def evaluate_policy(cfg: RunConfig, model: torch.nn.Module, algorithm: LocalAlgorithm, episodes: int) -> dict[str, float]:
@@ -281,4 +439,4 @@ def resolve_attacked(cfg: RunConfig) -> set[tuple[int, int]]:
     return {(rnd, c) for rnd in rounds for c in clients}
 
 
-__all__ = ["Client", "FederationResult", "GroundTruth", "ServerView", "evaluate_policy", "resolve_attacked", "run_federation"]
+__all__ = ["Client", "ClientUpdate", "FederationResult", "GroundTruth", "Server", "ServerView", "evaluate_policy", "merge_truths", "resolve_attacked", "run_federation", "setup"]

@@ -1,0 +1,312 @@
+"""The Flower engine: drivepriv's clients and server on Flower's simulation engine (Ray).
+
+The same :class:`~drivepriv.federation.inprocess.Client` (environment, replay buffer, local
+algorithm, client-side defenses) runs inside a Flower ``ClientApp``; the same
+:class:`~drivepriv.federation.inprocess.Server` (aggregation in client order, optimiser, target
+network, privacy accounting) runs behind a Flower strategy in the ``ServerApp``; and what the
+server sees is recorded by :class:`~drivepriv.federation.curious.CuriousStrategy`, the wrapper
+that audits any Flower deployment. Messages (message API, Flower 1.42):
+
+- server -> client: ``arrays`` (global parameters), ``target`` (the parameters the client
+  bootstraps from), ``config`` (``server-round``, ``record-truth``: the clients whose minibatch
+  the metrics will need);
+- client -> server: ``arrays`` (its payload: the gradient under FedSGD, the parameter delta
+  under FedAvg, after its defenses) and ``metrics`` (``client``, ``num-examples``, its
+  training.csv row, DP-SGD sample rates).
+
+A client's ground truth never travels to the server: the client writes it to the engine's
+truth folder (:func:`~drivepriv.federation.flower_support.save_truth`), which only the metrics
+read. Flower builds a ClientApp per message, in whichever Ray worker is free, so a client
+keeps its state in its ``context.state`` (replay buffer, counters, generator, and the simulator:
+pickled where it pickles, highway-env and the control tasks; MetaDrive's is restored by
+replaying the current episode's actions from its seed) and, as a shortcut, in a bounded cache
+of the worker process that is valid only while it holds the latest round.
+
+Same seed, same numbers as the in-process engine (tests/test_flower.py): replies are put back
+in client order before aggregating, and every random stream is derived from stable ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from drivepriv.config import RunConfig
+from drivepriv.federation.flower_support import load_truth, require_flower, save_truth
+from drivepriv.federation.inprocess import Client, ClientUpdate, FederationResult, Server, setup
+
+require_flower()
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.serverapp.strategy import Strategy  # noqa: E402
+
+from drivepriv.federation.curious import CuriousStrategy, tensors  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+_STATE_ARRAYS = "drivepriv.client.arrays"
+_STATE_META = "drivepriv.client.meta"
+
+
+# ---------------------------------------------------------------------------- client side
+@dataclass
+class _Cached:
+    round: int
+    client: Client
+    model: torch.nn.Module
+
+
+#: Per worker process: (run id, client id) -> the client as it was after its last round, the
+#: most recently used last. Bounded: a worker that served thousands of clients keeps only the
+#: latest (about 1.5 MB each on merge); the others are rebuilt from their context.state.
+_CLIENTS: dict[tuple[str, int], _Cached] = {}
+CACHE_CLIENTS = 128
+_SETUPS: dict[str, tuple[RunConfig, tuple[int, ...], object]] = {}
+
+
+def _setup(run_id: str, cfg: RunConfig):
+    if run_id not in _SETUPS:
+        torch.set_num_threads(1)
+        torch.backends.mkldnn.enabled = False  # as in-process: reproducible float32 kernels
+        _SETUPS[run_id] = (cfg, *setup(cfg))
+    return _SETUPS[run_id]
+
+
+def _client(run_id: str, cid: int, rnd: int, context: Context, cfg: RunConfig, obs_shape, algorithm) -> _Cached:
+    """The client as it was after round rnd - 1: from this worker's cache if current, else
+    rebuilt from its context.state (or new, in round 0)."""
+    state = context.state
+    done = int(state.config_records[_STATE_META]["round"]) if _STATE_META in state.config_records else -1
+    if done != rnd - 1:
+        raise RuntimeError(f"client {cid}: asked for round {rnd} but its state is after round {done}")
+    cached = _CLIENTS.pop((run_id, cid), None)
+    if cached is not None and cached.round == done:
+        _CLIENTS[(run_id, cid)] = cached  # most recently used
+        return cached
+    if cached is not None:
+        cached.client.close()
+    while len(_CLIENTS) >= CACHE_CLIENTS:
+        _CLIENTS.pop(next(iter(_CLIENTS))).client.close()
+    model = algorithm.build_model()
+    if done < 0:
+        client = Client(cid, cfg, obs_shape, algorithm)
+    else:
+        arrays = {k: v.numpy() for k, v in state.array_records[_STATE_ARRAYS].items()}
+        meta = json.loads(state.config_records[_STATE_META]["meta"])
+        client = Client.restore(cid, cfg, obs_shape, algorithm, arrays, meta)
+    cached = _CLIENTS[(run_id, cid)] = _Cached(done, client, model)
+    return cached
+
+
+def _train(msg: Message, context: Context, run_id: str, run_cfg: RunConfig, truth_dir: str) -> Message:
+    cfg, obs_shape, algorithm = _setup(run_id, run_cfg)
+    cid = int(context.node_config["partition-id"])
+    config = msg.content.config_records["config"]
+    rnd = int(config["server-round"]) - 1
+    entry = _client(run_id, cid, rnd, context, cfg, obs_shape, algorithm)
+    params = tensors(msg.content.array_records["arrays"])
+    target = tensors(msg.content.array_records["target"])
+    with torch.no_grad():
+        for name, p in entry.model.named_parameters():
+            p.copy_(params[name])
+    from drivepriv.federation.defenses import DefenseStack
+
+    record = cid in list(config["record-truth"])
+    update = entry.client.train_round(rnd, entry.model, params, target, DefenseStack.from_specs(cfg.federation.defenses), record)
+    if update.truth is not None:
+        t = update.truth
+        save_truth(truth_dir, rnd, cid, t.batches, t.origins, t.continuous)
+    entry.round = rnd
+    arrays, meta = entry.client.snapshot()
+    context.state[_STATE_ARRAYS] = _array_record(arrays)
+    context.state[_STATE_META] = ConfigRecord({"round": rnd, "meta": json.dumps(meta)})
+    metrics = {"client": cid, "num-examples": cfg.federation.batch_size * cfg.federation.local_steps}
+    metrics.update({k: float(v) for k, v in update.row.items() if k not in ("round", "client")})
+    if update.dp_rates:
+        metrics["dp-rates"] = [float(q) for q in update.dp_rates]
+    names = list(params)
+    content = RecordDict({"arrays": ArrayRecord(torch_state_dict=dict(zip(names, update.payload))), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+def _array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    from flwr.app import Array
+
+    rec = ArrayRecord()
+    for k, v in arrays.items():
+        rec[k] = Array(np.ascontiguousarray(v))
+    return rec
+
+
+def client_app(run_id: str, cfg: RunConfig, truth_dir: str) -> ClientApp:
+    """drivepriv's client as a Flower ClientApp (one per simulated node, partition id = client id)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return _train(msg, context, run_id, cfg, truth_dir)
+
+    return app
+
+
+# ---------------------------------------------------------------------------- server side
+class DrivePrivStrategy(Strategy):
+    """drivepriv's server (:class:`~drivepriv.federation.inprocess.Server`) as a Flower strategy:
+    every node trains every round; the replies are aggregated in client order."""
+
+    def __init__(self, server: Server, truth_dir: str, bar=None) -> None:
+        self.server = server
+        self.truth_dir = truth_dir
+        self.bar = bar
+        self._sent: dict[int, tuple[dict, dict]] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        rnd = server_round - 1
+        n = self.server.cfg.federation.clients
+        nodes = _wait_for_nodes(grid, n)
+        params, target = self.server.broadcast()
+        self._sent[rnd] = (params, target)
+        record = [c for c in range(n) if self.server.records(rnd, c)]
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(torch_state_dict=params),
+                "target": ArrayRecord(torch_state_dict=target),
+                "config": ConfigRecord({"server-round": server_round, "record-truth": record or [-1]}),
+            }
+        )
+        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in nodes]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rnd = server_round - 1
+        params, target = self._sent.pop(rnd)
+        names = list(params)
+        updates = []
+        for msg in replies:
+            if msg.has_error():
+                raise RuntimeError(f"round {rnd}: a client failed: {msg.error.reason}")
+            m = msg.content.metric_records["metrics"]
+            cid = int(m["client"])
+            arrays = tensors(msg.content.array_records["arrays"])
+            row = {"round": rnd, "client": cid, "env_steps": int(m["env_steps"]), "episodes": int(m["episodes"]),
+                   "mean_return_last5": float(m["mean_return_last5"]), "crash_rate_last5": float(m["crash_rate_last5"])}
+            truth = load_truth(self.truth_dir, rnd, cid) if self.server.records(rnd, cid) else None
+            updates.append(ClientUpdate(cid, tuple(arrays[k] for k in names), row, list(m.get("dp-rates", [])), truth))
+        n = self.server.cfg.federation.clients
+        if len(updates) != n:
+            raise RuntimeError(f"round {rnd}: {len(updates)} of {n} clients replied")
+        self.server.receive(rnd, params, target, updates, record=False)
+        if self.bar is not None:
+            self.bar.update(1)
+        new, _ = self.server.broadcast()
+        return ArrayRecord(torch_state_dict=new), MetricRecord({"clients": len(updates)})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return []  # utility is measured once, on the final model (pipeline)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        log.info("drivepriv server: %d clients, %s", self.server.cfg.federation.clients, self.server.cfg.federation.strategy)
+
+
+def _wait_for_nodes(grid: Grid, n: int, timeout_s: float = 120.0) -> list[int]:
+    start = time.monotonic()
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= n:
+            return nodes
+        if time.monotonic() - start > timeout_s:
+            raise RuntimeError(f"only {len(nodes)} of {n} Flower nodes connected after {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def run_flower(cfg: RunConfig, attacked: set[tuple[int, int]], progress: bool = True) -> FederationResult:
+    """Train the federation on Flower's simulation engine; the same result as
+    :func:`~drivepriv.federation.inprocess.run_federation` with ``engine: inprocess``."""
+    from flwr.simulation import run_simulation
+
+    fed = cfg.federation
+    obs_shape, algorithm = setup(cfg)
+    server = Server(cfg, algorithm, attacked)
+    run_id = uuid.uuid4().hex
+    init_args: dict[str, object] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
+    if fed.ray_address:
+        init_args["address"] = fed.ray_address
+    else:
+        init_args["num_cpus"] = os.cpu_count() or 1
+    backend = {"client_resources": {"num_cpus": fed.flower_client_cpus, "num_gpus": 0.0}, "init_args": init_args}
+    with tempfile.TemporaryDirectory(prefix="drivepriv-truth-") as truth_dir:
+        bar = tqdm(total=fed.rounds, desc="train (flower)", unit="round", disable=not progress, leave=False)
+        # the server's view is recorded by the same wrapper that audits any Flower deployment
+        curious = CuriousStrategy(
+            DrivePrivStrategy(server, truth_dir, bar),
+            loss=server.loss_spec,
+            payload="gradient" if fed.strategy == "fedsgd" else "delta",
+            lr=fed.lr,
+            local_steps=fed.local_steps,
+            batch_size=fed.batch_size,
+            rounds=sorted({r for r, _ in attacked}),
+            clients=sorted({c for _, c in attacked}),
+            aggregate_only=server.stack.secagg,
+        )
+        app = ServerApp()
+        failure: list[BaseException] = []
+
+        @app.main()
+        def main(grid: Grid, context: Context) -> None:
+            try:
+                params, _ = server.broadcast()
+                curious.start(grid, ArrayRecord(torch_state_dict=params), num_rounds=fed.rounds)
+            except BaseException as e:  # noqa: BLE001 - handed back to the caller below
+                failure.append(e)
+                raise
+
+        quiet = _quiet_flower()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                run_simulation(server_app=app, client_app=client_app(run_id, cfg, truth_dir), num_supernodes=fed.clients, backend_config=backend)
+        finally:
+            quiet()
+            bar.close()
+            _shutdown_ray()
+        if failure:
+            raise failure[0]
+        done = sum(1 for _ in server.rows) // max(fed.clients, 1)
+        if done != fed.rounds:
+            raise RuntimeError(f"the Flower simulation stopped after {done} of {fed.rounds} rounds (see Flower's log above)")
+    return server.result(views=curious.views)
+
+
+def _quiet_flower():
+    """Flower logs every round at INFO, and warns at every call that ``run_simulation`` is
+    deprecated in favour of ``flwr run`` (README); keep its errors only (a failed client is
+    raised by the strategy). Returns an undo."""
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    flwr_log.setLevel(logging.ERROR)
+    return lambda: flwr_log.setLevel(level)
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+__all__ = ["DrivePrivStrategy", "client_app", "run_flower"]

@@ -1,0 +1,76 @@
+"""What the Flower engine and the curious strategy share without importing Flower: the check
+that the optional extra is installed, and the ground-truth files of simulated clients."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from drivepriv.errors import ConfigError
+
+FLOWER_VERSION = "1.42.0"
+INSTALL = 'pip install -e ".[flower]"  (from a clone; or: pip install "flwr[simulation]==1.42.0")'
+
+
+#: Environment under which Ray and Flower touch no network (set by drivepriv; export them before `flwr run`).
+OFFLINE_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+def require_flower() -> None:
+    """Fail with the install command when Flower or its Ray simulation engine is missing."""
+    # drivepriv runs offline: no usage statistics (Ray), telemetry or update check (Flower), and
+    # no installation of an app's dependencies by a SuperLink (`flwr run`) at run time. Flower
+    # reads these when it is imported, so they are set first.
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    missing = []
+    for module in ("flwr", "ray"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ConfigError(
+            f"the Flower engine needs Flower with its Ray simulation engine, and {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not installed; install the optional extra: {INSTALL}"
+        )
+
+
+def save_truth(folder: str | Path, rnd: int, client: int, batches: list[dict[str, np.ndarray]], origins: list[np.ndarray], continuous: bool) -> Path:
+    """A client's true minibatch(es) behind one update, for the metrics only (never sent to the
+    server: a simulated client writes it beside the run, an audited client to its own disk)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {f"b{s}_{k}": v for s, b in enumerate(batches) for k, v in b.items()}
+    arrays.update({f"o{s}": o for s, o in enumerate(origins)})
+    arrays["continuous"] = np.array(continuous)
+    path = folder / f"r{rnd}-c{client}.npz"
+    tmp = folder / f".r{rnd}-c{client}.tmp.npz"
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return path
+
+
+def load_truth(folder: str | Path, rnd: int, client: int):
+    """The :class:`~drivepriv.federation.inprocess.GroundTruth` saved by :func:`save_truth`, or None."""
+    from drivepriv.federation.inprocess import GroundTruth
+
+    path = Path(folder) / f"r{rnd}-c{client}.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        steps = sorted({int(k[1:].split("_")[0]) for k in z.files if k.startswith("b")})
+        batches = [{k.split("_", 1)[1]: z[k] for k in z.files if k.startswith(f"b{s}_")} for s in steps]
+        origins = [z[f"o{s}"] for s in steps]
+        return GroundTruth(rnd, client, batches, origins, bool(z["continuous"]))
+
+
+__all__ = ["FLOWER_VERSION", "INSTALL", "OFFLINE_ENV", "load_truth", "require_flower", "save_truth"]

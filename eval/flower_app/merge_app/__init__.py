@@ -1,0 +1,1 @@
+"""A Flower app a fleet operator could have written: federated DQN on highway-env's merge."""
