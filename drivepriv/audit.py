@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import json
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -136,8 +137,11 @@ def _check_model(model: nn.Module, cfg: RunConfig, algorithm: str) -> int:
         )
     n_actions = linears[-1].out_features - (1 if algorithm == "ppo" else 0)
     env = _make_env(cfg.env)
-    env_actions = int(env.action_space.n)
+    space = env.action_space
     env.close()
+    if not hasattr(space, "n"):
+        raise ConfigError(f"scenario '{cfg.name}' has continuous actions; the audit of a user's model supports discrete actions (DQN, PPO) only")
+    env_actions = int(space.n)
     if n_actions != env_actions:
         want = f"{env_actions + 1} (the {env_actions} action logits, then the value)" if algorithm == "ppo" else str(env_actions)
         raise ConfigError(
@@ -227,17 +231,52 @@ def load_model_factory(spec: str) -> nn.Module:
     """``package.module:Factory`` -> ``Factory()``, the deployment's (untrained) network."""
     import importlib
 
+    import os
+    import sys
+
     module, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:  # as `python -m` does: the app's package from where you stand
+        sys.path.insert(0, os.getcwd())
     if not module or not attr:
         raise ConfigError(f"--model {spec!r}: expected MODULE:FACTORY, e.g. my_app.task:Net (a callable returning the nn.Module)")
     try:
         factory = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"--model {spec!r}: cannot import it ({e}); is the app's package on the Python path (PYTHONPATH=...)?") from None
-    model = factory()
+    try:
+        model = factory()
+    except Exception as e:  # noqa: BLE001 - the user's code: say what failed, without a traceback
+        raise ConfigError(f"--model {spec!r}: calling it failed ({type(e).__name__}: {e}); it must build the network with no arguments") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"--model {spec!r}: returned {type(model).__name__}, not a torch nn.Module")
     return model
+
+
+def capture_truths(views: list, truth_dir: str | Path) -> dict:
+    """The recorded minibatches behind each captured update, keyed by (round, client): the
+    client's own file, or under secure aggregation (client -1) all the round's files merged.
+    Checked against the capture's local steps and batch size."""
+    from drivepriv.federation.flower_support import load_truth
+    from drivepriv.federation.inprocess import merge_truths
+
+    truths = {}
+    for v in views:
+        if v.client == -1:  # secure aggregation: every client's minibatch of the round
+            files = sorted(Path(truth_dir).glob(f"r{v.round}-c*.npz"), key=lambda f: int(f.stem.split("-c")[1]))
+            parts = [load_truth(truth_dir, v.round, int(f.stem.split("-c")[1])) for f in files]
+            t = merge_truths(v.round, parts) if parts else None
+        else:
+            t = load_truth(truth_dir, v.round, v.client)
+        if t is None:
+            raise ConfigError(f"{truth_dir}: no truth for round {v.round}, client {v.client} (file r{v.round}-c{'*' if v.client == -1 else v.client}.npz)")
+        rows = sum(len(b["rewards"]) for b in t.batches)
+        if len(t.batches) != v.local_steps or rows != v.batch_size * v.local_steps:
+            raise ConfigError(
+                f"{truth_dir}: round {v.round}, client {v.client}: the recorded truth has {len(t.batches)} minibatch(es) and {rows} "
+                f"transitions, but the capture says {v.local_steps} local step(s) of {v.batch_size}; check batch_size/local_steps"
+            )
+        truths[(v.round, v.client)] = t
+    return truths
 
 
 def audit_capture(
@@ -253,7 +292,7 @@ def audit_capture(
 ):
     """Attack what a :class:`~drivepriv.federation.curious.CuriousStrategy` captured in a Flower
     deployment, score it against the clients' own record of their minibatches, and write the
-    same report as ``drivepriv eval`` (``<out>/<scenario>/audit-seed<seed>-<time>/``).
+    same report as ``drivepriv eval`` (``<out>/<scenario>/audit-<scenario>-seed<seed>-<time>/``).
 
     Args:
         capture: the folder ``strategy.save()`` wrote, or the strategy's ``views``.
@@ -262,7 +301,6 @@ def audit_capture(
         truth_dir: where the audited clients wrote their minibatches
             (:func:`drivepriv.federation.flower_support.save_truth`). The attacks never read it.
     """
-    from drivepriv.federation.flower_support import load_truth
     from drivepriv.pipeline import attack_and_report, check_supported, start_run
 
     cfg = _scenario(scenario, settings)
@@ -285,25 +323,29 @@ def audit_capture(
         raise ConfigError(f"the capture's loss {', '.join(t.__name__ for t in losses)} is not one the audit supports (DQNLossSpec, PPOLossSpec)")
     algorithm = "ppo" if isinstance(views[0].loss, PPOLossSpec) else "dqn"
     n_actions = _check_model(model, cfg, algorithm)
-    names = [k for k, _ in model.named_parameters()]
-    if list(views[0].params) != names:
-        raise ConfigError(f"the capture's arrays ({', '.join(list(views[0].params)[:4])}, ...) are not the model's parameters ({', '.join(names[:4])}, ...)")
+    shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    for v in views:
+        got = {k: tuple(t.shape) for k, t in v.params.items()}
+        if got != shapes:
+            diff = [k for k in dict.fromkeys([*shapes, *got]) if shapes.get(k) != got.get(k)]
+            raise ConfigError(
+                f"round {v.round}, client {v.client}: the captured arrays are not the model's parameters "
+                f"(differ at {', '.join(f'{k}: capture {got.get(k)}, model {shapes.get(k)}' for k in diff[:3])}); pass the deployment's network with --model"
+            )
+        if v.client == -1 and v.strategy == "fedavg" and v.local_steps > 1:
+            raise ConfigError("a secure-aggregation capture of K-step FedAvg deltas cannot be attacked (the mean is no client's unrolled training)")
     if truth_dir is None:
         raise ConfigError(
             "scoring needs the clients' true minibatches (--truth DIR, written by the audited clients with save_truth); "
             "to reconstruct without scoring, use drivepriv.audit.invert_gradients on each captured update"
         )
-    truths = {}
-    for v in views:
-        t = load_truth(truth_dir, v.round, v.client)
-        if t is None:
-            raise ConfigError(f"{truth_dir}: no truth for round {v.round}, client {v.client} (file r{v.round}-c{v.client}.npz)")
-        truths[(v.round, v.client)] = t
+    truths = capture_truths(views, truth_dir)
     cfg = apply_overrides(cfg, [(["agent", "algorithm"], algorithm)], source="audit")
     check_supported(cfg)
     wrapped = _FlatInput(copy.deepcopy(model), n_actions)
     inner = lambda d: {"inner." + k: v for k, v in d.items()}  # noqa: E731 - the wrapper's parameter names
     views = [dataclasses.replace(v, params=inner(v.params), target_params=inner(v.target_params)) for v in views]
-    work, final_dir = start_run(cfg, command, None, f"drivepriv audit (scenario {cfg.name})")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    work, final_dir = start_run(cfg, command, f"audit-{cfg.name}-seed{cfg.seed}-{stamp}", f"drivepriv audit (scenario {cfg.name})")
     (work / "audit.json").write_text(json.dumps({"views": len(views), "truth_dir": str(truth_dir), "model": type(model).__name__}, indent=2))
     return attack_and_report(cfg, wrapped, views, truths, work, final_dir, progress)

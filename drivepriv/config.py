@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -161,6 +162,10 @@ class FederationConfig:
     #: Flower engine: the Ray cluster to join ("auto": the running cluster, see README);
     #: empty: start a local Ray with this machine's CPUs.
     ray_address: str = ""
+    #: Flower engine: where clients write their ground truth for the metrics (never sent to the
+    #: server); empty: a temporary folder on this machine. On a multi-node cluster: a folder
+    #: every node shares.
+    flower_truth_dir: str = ""
 
     def validate(self, where: str) -> None:
         for key in ("clients", "rounds", "local_steps", "batch_size", "target_update_rounds"):
@@ -175,6 +180,11 @@ class FederationConfig:
             raise ConfigError(f"{where}.lr: expected a positive learning rate, got {self.lr}")
         if self.flower_client_cpus <= 0:
             raise ConfigError(f"{where}.flower_client_cpus: expected a positive number of CPUs, got {self.flower_client_cpus}")
+        if self.engine == "flower" and not self.ray_address and self.flower_client_cpus > (os.cpu_count() or 1):
+            raise ConfigError(
+                f"{where}.flower_client_cpus: {self.flower_client_cpus} CPUs per client, but this machine has {os.cpu_count()}; "
+                f"no client could be scheduled (use at most {os.cpu_count()}, or join a cluster with federation.ray_address)"
+            )
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"{where}.gamma: expected a discount in [0, 1], got {self.gamma}")
         from drivepriv.federation.defenses import DefenseStack

@@ -83,7 +83,7 @@ def check_supported(cfg: RunConfig, attacks: bool = True) -> None:
                 f"'{cfg.name}' has continuous actions ({cfg.agent.algorithm}); use {', '.join(ok)} (--attacks ...)"
             )
     fed = cfg.federation
-    if DefenseStack.from_specs(fed.defenses).secagg and fed.strategy == "fedavg" and fed.local_steps > 1:
+    if attacks and DefenseStack.from_specs(fed.defenses).secagg and fed.strategy == "fedavg" and fed.local_steps > 1:
         raise ConfigError(
             "defense secagg with FedAvg over several local steps: the sum of K-step deltas is not one client's "
             "unrolled training, which the attacks model; use federation.strategy=fedsgd or local_steps=1"

@@ -70,18 +70,30 @@ def test_flower_engine_gives_the_inprocess_federation(argv):
     _assert_same(inprocess, on_flower)
 
 
-def test_eval_on_flower_writes_a_report(tmp_path, capsys):
-    rc = main(["eval", "--scenario", "merge", "--engine", "flower", "--clients", "3", "--quick", "--attacks", "rgia-k",
-               "--out", str(tmp_path), "--no-progress"])
-    assert rc == 0
-    (run,) = (tmp_path / "merge").iterdir()
+def test_eval_on_flower_writes_a_report_with_the_inprocess_metrics(tmp_path, capsys):
+    runs = {}
+    for engine in ("flower", "inprocess"):
+        out = tmp_path / engine
+        rc = main(["eval", "--scenario", "merge", "--engine", engine, "--clients", "3", "--quick", "--attacks", "rgia-k,dlg",
+                   "--out", str(out), "--no-progress"])
+        assert rc == 0
+        (runs[engine],) = (out / "merge").iterdir()
+    run = runs["flower"]
     assert (run / "report.html").is_file() and not run.name.endswith(".incomplete")
     assert "engine: flower" in (run / "config.yaml").read_text()
     import pandas as pd
 
-    metrics = pd.read_csv(run / "metrics.csv")
-    assert sorted(metrics["client"]) == [0, 1, 2]  # the last round of every client was attacked
-    assert metrics["ego_pos_err_m"].notna().all()
+    on_flower, inprocess = (pd.read_csv(runs[e] / "metrics.csv") for e in ("flower", "inprocess"))
+    assert sorted(set(on_flower["client"])) == [0, 1, 2]  # the last round of every client was attacked
+    assert on_flower["ego_pos_err_m"].notna().all()
+    assert (pd.read_csv(runs["flower"] / "training.csv")).equals(pd.read_csv(runs["inprocess"] / "training.csv"))
+    # the same metrics: dlg digit for digit; rgia-k to 1e-4 (its float32 ties, README "Reproducibility")
+    keys = ["attack", "client", "round"]
+    assert on_flower[keys].equals(inprocess[keys])
+    numeric = [c for c in on_flower.columns if c not in keys]
+    dlg = on_flower["attack"] == "dlg"
+    pd.testing.assert_frame_equal(on_flower.loc[dlg, numeric], inprocess.loc[dlg, numeric])
+    pd.testing.assert_frame_equal(on_flower.loc[~dlg, numeric], inprocess.loc[~dlg, numeric], check_exact=False, atol=1e-4, rtol=1e-3)
 
 
 def test_without_flower_the_engine_says_how_to_install(monkeypatch, capsys, tmp_path):
@@ -153,3 +165,60 @@ def test_flower_app_audited_with_flowers_own_tooling(tmp_path):
     assert len(metrics) == 2 * 8 and set(metrics["attack"]) == {"rgia-k", "dlg"}
     assert (metrics["local_steps"] == 2).all() and metrics["ego_pos_err_m"].notna().all()
     assert not subprocess.run(["pgrep", "-f", f"flower-superlink.*{tmp_path}"], capture_output=True).stdout  # no SuperLink left behind
+
+
+def test_curious_strategy_checks_what_it_is_told():
+    from flwr.app import ArrayRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    from drivepriv.agents.dqn import DQNLossSpec
+    from drivepriv.federation.curious import CuriousStrategy
+
+    with pytest.raises(ConfigError, match="needs lr"):  # a weights payload is a delta of SGD steps at lr
+        CuriousStrategy(FedAvg(), loss=DQNLossSpec(gamma=0.99), payload="weights", batch_size=8)
+    with pytest.raises(ConfigError, match="secure aggregation"):
+        CuriousStrategy(FedAvg(), loss=DQNLossSpec(gamma=0.99), payload="delta", lr=0.1, local_steps=2, batch_size=8, aggregate_only=True)
+    watching = CuriousStrategy(FedAvg(), loss=DQNLossSpec(gamma=0.99), payload="gradient", batch_size=8, rounds=[0, -4, 7])
+    with pytest.raises(ConfigError, match=r"rounds \[7\] do not exist in a run of 4 rounds"):
+        watching.start(None, ArrayRecord(), num_rounds=4)
+
+
+def _view(client: int, batch_size: int, model: torch.nn.Module, rnd: int = 2):
+    from drivepriv.agents.dqn import DQNLossSpec
+    from drivepriv.federation.inprocess import ServerView
+
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    payload = tuple(torch.zeros_like(v) for v in params.values())
+    return ServerView(rnd, client, "fedsgd", params, params, payload, batch_size, 1, 0.01, DQNLossSpec(gamma=0.99))
+
+
+def test_audit_scores_a_secure_aggregate_against_every_clients_minibatch(tmp_path):
+    from drivepriv.audit import capture_truths
+    from drivepriv.federation.flower_support import save_truth
+
+    rng = np.random.default_rng(0)
+    batches = {}
+    for client in (1, 0, 2):
+        b = {"states": rng.random((3, 5, 7), dtype=np.float32), "actions": np.eye(5, dtype=np.float32)[[0, 1, 2]],
+             "rewards": rng.random(3, dtype=np.float32), "next_states": rng.random((3, 5, 7), dtype=np.float32), "dones": np.zeros(3, np.float32)}
+        save_truth(tmp_path, 2, client, [b], [np.zeros((3, 2), np.int64)], continuous=False)
+        batches[client] = b
+    model = torch.nn.Sequential(torch.nn.Linear(35, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    truths = capture_truths([_view(-1, 9, model), _view(1, 3, model)], tmp_path)
+    merged = truths[(2, -1)].batches[0]["states"]
+    assert np.array_equal(merged, np.concatenate([batches[c]["states"] for c in (0, 1, 2)]))  # in client order
+    assert np.array_equal(truths[(2, 1)].batches[0]["rewards"], batches[1]["rewards"])
+    with pytest.raises(ConfigError, match="capture says 1 local step"):
+        capture_truths([_view(1, 8, model)], tmp_path)
+    with pytest.raises(ConfigError, match="no truth for round 5, client 1"):
+        capture_truths([_view(1, 3, model, rnd=5)], tmp_path)
+
+
+def test_audit_rejects_a_model_that_is_not_the_captured_one(tmp_path):
+    from drivepriv.audit import audit_capture
+
+    captured = torch.nn.Sequential(torch.nn.Linear(35, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    other = torch.nn.Sequential(torch.nn.Linear(35, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+    with pytest.raises(ConfigError, match="not the model's parameters"):
+        audit_capture([_view(0, 3, captured)], other, "merge", truth_dir=tmp_path, out=tmp_path)
+    assert not (tmp_path / "merge").exists()

@@ -22,6 +22,10 @@ What a client's reply means is the ``payload`` argument:
 - ``"delta"``: that difference itself;
 - ``"gradient"``: one gradient (FedSGD).
 
+The attacks model the clients' local training as plain SGD on the loss: a strategy that
+changes the clients' objective (FedProx's proximal term, with more than one local step) is
+captured faithfully but attacked against the wrong model of the update.
+
 Under secure aggregation (``aggregate_only=True``) the server learns only the mean of the
 replies; the capture then holds that mean alone, as client -1 over all clients' minibatches.
 Flower imports only here and in :mod:`drivepriv.federation.flower` (the optional extra).
@@ -39,7 +43,7 @@ import torch
 from drivepriv.errors import ConfigError
 from drivepriv.federation.flower_support import require_flower
 
-require_flower()
+require_flower(simulation=False)  # a deployment's server needs Flower, not Ray
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
@@ -83,7 +87,7 @@ class CuriousStrategy(Strategy):
         *,
         loss: object,
         payload: Payload = "weights",
-        lr: float = 1.0,
+        lr: float | None = None,
         local_steps: int = 1,
         batch_size: int,
         rounds: Iterable[int] | None = None,
@@ -95,12 +99,22 @@ class CuriousStrategy(Strategy):
     ) -> None:
         if payload not in ("weights", "delta", "gradient"):
             raise ConfigError(f"CuriousStrategy: payload must be 'weights', 'delta' or 'gradient', got {payload!r}")
-        if payload != "gradient" and lr <= 0:
-            raise ConfigError(f"CuriousStrategy: lr must be the clients' positive local learning rate, got {lr}")
+        if payload != "gradient" and (lr is None or lr <= 0):
+            raise ConfigError(
+                f"CuriousStrategy: payload={payload!r} needs lr, the clients' positive local SGD learning rate "
+                f"(the attacks unroll local_steps steps at it), got {lr}"
+            )
+        if local_steps < 1 or batch_size < 1:
+            raise ConfigError(f"CuriousStrategy: local_steps and batch_size must be >= 1, got {local_steps} and {batch_size}")
+        if aggregate_only and payload != "gradient" and local_steps > 1:
+            raise ConfigError(
+                "CuriousStrategy: under secure aggregation the mean of several clients' K-step deltas is not one "
+                "client's unrolled training, which the attacks model; capture FedSGD gradients or local_steps=1"
+            )
         self.inner = inner
         self.loss = loss
         self.payload = payload
-        self.lr = lr
+        self.lr = float(lr) if lr is not None else 1.0
         self.local_steps = local_steps
         self.batch_size = batch_size
         self.rounds = None if rounds is None else list(rounds)
@@ -118,12 +132,19 @@ class CuriousStrategy(Strategy):
         if self.rounds is None:
             return True
         n = self.num_rounds
-        return any(r == rnd or (n is not None and r < 0 and r % n == rnd) for r in self.rounds)
+        return any(r == rnd or (n is not None and -n <= r < 0 and r % n == rnd) for r in self.rounds)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *args, **kwargs):
         """Flower's own loop (``Strategy.start``), calling this wrapper's methods."""
+        bad = [r for r in self.rounds or [] if not -num_rounds <= r < num_rounds]
+        if bad:
+            raise ConfigError(f"CuriousStrategy: rounds {bad} do not exist in a run of {num_rounds} rounds (0..{num_rounds - 1}, or -1..-{num_rounds})")
         self.num_rounds = num_rounds
-        return super().start(grid, initial_arrays, num_rounds, *args, **kwargs)
+        result = super().start(grid, initial_arrays, num_rounds, *args, **kwargs)
+        watched = self.rounds if self.rounds is not None else range(num_rounds)
+        for rnd in sorted({r % num_rounds for r in watched} - {v.round for v in self.views}):
+            log.warning("CuriousStrategy: round %d was watched but nothing was captured (no replies carrying '%s'?)", rnd, self.arrays_key)
+        return result
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
@@ -210,7 +231,10 @@ def load_capture(folder: str | Path) -> list[ServerView]:
     path = Path(folder) / "capture.pt"
     if not path.is_file():
         raise ConfigError(f"{folder}: no capture.pt here; a CuriousStrategy writes one with strategy.save(folder)")
-    return [ServerView(**d) for d in torch.load(path, weights_only=False)]
+    try:
+        return [ServerView(**d) for d in torch.load(path, weights_only=False)]
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise ConfigError(f"{path}: not a readable capture ({type(e).__name__}: {e})") from None
 
 
 __all__ = ["CuriousStrategy", "load_capture", "save_capture"]

@@ -15,8 +15,9 @@ that audits any Flower deployment. Messages (message API, Flower 1.42):
   training.csv row, DP-SGD sample rates).
 
 A client's ground truth never travels to the server: the client writes it to the engine's
-truth folder (:func:`~drivepriv.federation.flower_support.save_truth`), which only the metrics
-read. Flower builds a ClientApp per message, in whichever Ray worker is free, so a client
+truth folder (:func:`~drivepriv.federation.flower_support.save_truth`; on a multi-node cluster
+``federation.flower_truth_dir``, a folder every node shares), from which the engine keeps it
+for the metrics; the attacks never see it. Flower builds a ClientApp per message, in whichever Ray worker is free, so a client
 keeps its state in its ``context.state`` (replay buffer, counters, generator, and the simulator:
 pickled where it pickles, highway-env and the control tasks; MetaDrive's is restored by
 replaying the current episode's actions from its seed) and, as a shortcut, in a bounded cache
@@ -36,6 +37,7 @@ import time
 import uuid
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -43,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from drivepriv.config import RunConfig
+from drivepriv.errors import ConfigError
 from drivepriv.federation.flower_support import load_truth, require_flower, save_truth
 from drivepriv.federation.inprocess import Client, ClientUpdate, FederationResult, Server, setup
 
@@ -92,6 +95,8 @@ def _client(run_id: str, cid: int, rnd: int, context: Context, cfg: RunConfig, o
     done = int(state.config_records[_STATE_META]["round"]) if _STATE_META in state.config_records else -1
     if done != rnd - 1:
         raise RuntimeError(f"client {cid}: asked for round {rnd} but its state is after round {done}")
+    for key in [k for k, e in _CLIENTS.items() if k[0] == run_id and e.round < rnd - 1]:
+        _CLIENTS.pop(key).client.close()  # every client trains every round: these are stale for good
     cached = _CLIENTS.pop((run_id, cid), None)
     if cached is not None and cached.round == done:
         _CLIENTS[(run_id, cid)] = cached  # most recently used
@@ -163,6 +168,10 @@ def client_app(run_id: str, cfg: RunConfig, truth_dir: str) -> ClientApp:
 
 
 # ---------------------------------------------------------------------------- server side
+class TruthMissing(ConfigError):
+    """A client wrote its minibatch where the driver cannot read it (another node's disk)."""
+
+
 class DrivePrivStrategy(Strategy):
     """drivepriv's server (:class:`~drivepriv.federation.inprocess.Server`) as a Flower strategy:
     every node trains every round; the replies are aggregated in client order."""
@@ -202,7 +211,14 @@ class DrivePrivStrategy(Strategy):
             arrays = tensors(msg.content.array_records["arrays"])
             row = {"round": rnd, "client": cid, "env_steps": int(m["env_steps"]), "episodes": int(m["episodes"]),
                    "mean_return_last5": float(m["mean_return_last5"]), "crash_rate_last5": float(m["crash_rate_last5"])}
-            truth = load_truth(self.truth_dir, rnd, cid) if self.server.records(rnd, cid) else None
+            truth = None
+            if self.server.records(rnd, cid):
+                truth = load_truth(self.truth_dir, rnd, cid)
+                if truth is None:
+                    raise TruthMissing(
+                        f"round {rnd}: client {cid}'s ground truth is not in {self.truth_dir}; on a multi-node Ray "
+                        f"cluster set federation.flower_truth_dir to a folder every node shares"
+                    )
             updates.append(ClientUpdate(cid, tuple(arrays[k] for k in names), row, list(m.get("dp-rates", [])), truth))
         n = self.server.cfg.federation.clients
         if len(updates) != n:
@@ -249,7 +265,9 @@ def run_flower(cfg: RunConfig, attacked: set[tuple[int, int]], progress: bool = 
     else:
         init_args["num_cpus"] = os.cpu_count() or 1
     backend = {"client_resources": {"num_cpus": fed.flower_client_cpus, "num_gpus": 0.0}, "init_args": init_args}
-    with tempfile.TemporaryDirectory(prefix="drivepriv-truth-") as truth_dir:
+    if fed.flower_truth_dir:
+        Path(fed.flower_truth_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="drivepriv-truth-", dir=fed.flower_truth_dir or None) as truth_dir:
         bar = tqdm(total=fed.rounds, desc="train (flower)", unit="round", disable=not progress, leave=False)
         # the server's view is recorded by the same wrapper that audits any Flower deployment
         curious = CuriousStrategy(

@@ -24,22 +24,23 @@ OFFLINE_ENV = {
 }
 
 
-def require_flower() -> None:
-    """Fail with the install command when Flower or its Ray simulation engine is missing."""
+def require_flower(simulation: bool = True) -> None:
+    """Fail with the install command when Flower (and, with ``simulation``, its Ray simulation
+    engine) is missing."""
     # drivepriv runs offline: no usage statistics (Ray), telemetry or update check (Flower), and
     # no installation of an app's dependencies by a SuperLink (`flwr run`) at run time. Flower
     # reads these when it is imported, so they are set first.
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     missing = []
-    for module in ("flwr", "ray"):
+    for module in ("flwr", "ray") if simulation else ("flwr",):
         try:
             __import__(module)
         except ImportError:
             missing.append(module)
     if missing:
         raise ConfigError(
-            f"the Flower engine needs Flower with its Ray simulation engine, and {' and '.join(missing)} "
+            f"{'the Flower engine needs Flower with its Ray simulation engine' if simulation else 'this needs Flower'}, and {' and '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} not installed; install the optional extra: {INSTALL}"
         )
 
