@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import json
+import os
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -229,11 +232,6 @@ def invert_gradients(
 
 def load_model_factory(spec: str) -> nn.Module:
     """``package.module:Factory`` -> ``Factory()``, the deployment's (untrained) network."""
-    import importlib
-
-    import os
-    import sys
-
     module, _, attr = spec.partition(":")
     if os.getcwd() not in sys.path:  # as `python -m` does: the app's package from where you stand
         sys.path.insert(0, os.getcwd())

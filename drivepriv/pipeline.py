@@ -273,7 +273,7 @@ def train_federation(cfg: RunConfig, work: Path, progress: bool, attacked: set[t
     fed.training.to_csv(work / "training.csv", index=False)
     utility = evaluate_policy(cfg, fed.model, fed.algorithm, cfg.federation.eval_episodes)
     (work / "privacy_utility.json").write_text(json.dumps({"privacy": fed.privacy, "utility": utility}, indent=2))
-    return fed
+    return fed, utility
 
 
 def run_train(cfg: RunConfig, command: str = "", progress: bool = True, run_id: str | None = None) -> tuple[Path, dict]:
@@ -282,8 +282,7 @@ def run_train(cfg: RunConfig, command: str = "", progress: bool = True, run_id: 
     cfg = DefenseStack.from_specs(cfg.federation.defenses).configure(cfg)
     check_supported(cfg, attacks=False)
     work, final_dir = start_run(cfg, command, run_id, f"drivepriv train --scenario {cfg.name} --seed {cfg.seed}")
-    fed = train_federation(cfg, work, progress, attacked=set())
-    utility = json.loads((work / "privacy_utility.json").read_text())["utility"]
+    fed, utility = train_federation(cfg, work, progress, attacked=set())
     torch.save(fed.model.state_dict(), work / "model.pt")
     shutil.move(str(work), str(final_dir))
     return final_dir, utility
@@ -295,7 +294,7 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True, run_id: s
     cfg = DefenseStack.from_specs(cfg.federation.defenses).configure(cfg)  # batch / local_steps defenses
     check_supported(cfg)
     work, final_dir = start_run(cfg, command, run_id, f"drivepriv eval --scenario {cfg.name} --seed {cfg.seed}")
-    fed = train_federation(cfg, work, progress)
+    fed, _ = train_federation(cfg, work, progress)
     return attack_and_report(cfg, fed.model, fed.views, fed.truths, work, final_dir, progress)
 
 

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from drivepriv.config import RunConfig
 from drivepriv.errors import ConfigError
+from drivepriv.federation.defenses import DefenseStack
 from drivepriv.federation.flower_support import load_truth, require_flower, save_truth
 from drivepriv.federation.inprocess import Client, ClientUpdate, FederationResult, Server, setup
 
@@ -77,14 +78,14 @@ class _Cached:
 #: latest (about 1.5 MB each on merge); the others are rebuilt from their context.state.
 _CLIENTS: dict[tuple[str, int], _Cached] = {}
 CACHE_CLIENTS = 128
-_SETUPS: dict[str, tuple[RunConfig, tuple[int, ...], object]] = {}
+_SETUPS: dict[str, tuple[RunConfig, tuple[int, ...], object, DefenseStack]] = {}
 
 
 def _setup(run_id: str, cfg: RunConfig):
     if run_id not in _SETUPS:
         torch.set_num_threads(1)
         torch.backends.mkldnn.enabled = False  # as in-process: reproducible float32 kernels
-        _SETUPS[run_id] = (cfg, *setup(cfg))
+        _SETUPS[run_id] = (cfg, *setup(cfg), DefenseStack.from_specs(cfg.federation.defenses))
     return _SETUPS[run_id]
 
 
@@ -117,7 +118,7 @@ def _client(run_id: str, cid: int, rnd: int, context: Context, cfg: RunConfig, o
 
 
 def _train(msg: Message, context: Context, run_id: str, run_cfg: RunConfig, truth_dir: str) -> Message:
-    cfg, obs_shape, algorithm = _setup(run_id, run_cfg)
+    cfg, obs_shape, algorithm, stack = _setup(run_id, run_cfg)
     cid = int(context.node_config["partition-id"])
     config = msg.content.config_records["config"]
     rnd = int(config["server-round"]) - 1
@@ -127,10 +128,8 @@ def _train(msg: Message, context: Context, run_id: str, run_cfg: RunConfig, trut
     with torch.no_grad():
         for name, p in entry.model.named_parameters():
             p.copy_(params[name])
-    from drivepriv.federation.defenses import DefenseStack
-
     record = cid in list(config["record-truth"])
-    update = entry.client.train_round(rnd, entry.model, params, target, DefenseStack.from_specs(cfg.federation.defenses), record)
+    update = entry.client.train_round(rnd, entry.model, params, target, stack, record)
     if update.truth is not None:
         t = update.truth
         save_truth(truth_dir, rnd, cid, t.batches, t.origins, t.continuous)
@@ -304,7 +303,7 @@ def run_flower(cfg: RunConfig, attacked: set[tuple[int, int]], progress: bool = 
             _shutdown_ray()
         if failure:
             raise failure[0]
-        done = sum(1 for _ in server.rows) // max(fed.clients, 1)
+        done = len(server.rows) // fed.clients
         if done != fed.rounds:
             raise RuntimeError(f"the Flower simulation stopped after {done} of {fed.rounds} rounds (see Flower's log above)")
     return server.result(views=curious.views)

@@ -221,8 +221,9 @@ class Client:
         the environment is unpickled where it could be pickled, else reset to the current
         episode's seed and the episode's actions so far (from the buffer) are replayed; either
         way it must land on the saved observation."""
-        env = pickle.loads(arrays["env"].tobytes()) if "env" in arrays else None
-        c = cls(cid, cfg, obs_shape, algorithm, env=env if env is not None else make_env(cfg.env))
+        pickled = "env" in arrays
+        env = pickle.loads(arrays["env"].tobytes()) if pickled else make_env(cfg.env)
+        c = cls(cid, cfg, obs_shape, algorithm, env=env)
         b = c.buffer
         n = int(meta["size"])
         for k in ("states", "next_states", "actions", "rewards", "dones", "origin"):
@@ -235,7 +236,7 @@ class Client:
         c.rng.bit_generator.state = meta["rng"]
         if c.episode_step > b.size:
             raise RuntimeError(f"client {cid}: its current episode ({c.episode_step} steps) is longer than its replay buffer; cannot restore it")
-        if env is not None:
+        if pickled:  # the simulator as it was, mid-episode
             c.obs = arrays["obs"].copy()
             return c
         obs, _ = c.env.reset(seed=episode_seed(cfg.seed, cid, c.episode))
