@@ -1,6 +1,7 @@
 """Attacks on real transitions: batch of one recovered, catalogue runs, the best restart chosen without the truth."""
 
 import copy
+import functools
 
 import numpy as np
 import pytest
@@ -14,22 +15,38 @@ from drivepriv.metrics.scores import Truth, score
 from tests.test_codec import real_observations
 
 
-def setup_case(batch_size: int, seed: int = 0, hidden: tuple[int, ...] = (64, 64), replay: bool = False):
+#: The attacker's own rollouts start from seeds this far from any client's (honest priors).
+ATTACKER_SEED_OFFSET = 100_000
+
+
+def attacker_prior_states(seed: int = 0, n: int = 200) -> np.ndarray:
+    """The attacker's prior states: its own rollouts of the public simulator, from seeds
+    disjoint from every client's in these tests (clients use seeds below 10,000)."""
+    return _attacker_rollouts(seed, n).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _attacker_rollouts(seed: int, n: int) -> np.ndarray:
+    return real_observations(n, seed=ATTACKER_SEED_OFFSET + seed)
+
+
+def setup_case(batch_size: int, seed: int = 0, hidden: tuple[int, ...] = (64, 64), replay: bool = False, policy=None, model=None):
     """A client's DQN gradient on real transitions: consecutive ones of one rollout, or (replay)
-    a minibatch drawn at random from 200 steps of rollouts, as a replay buffer gives."""
+    a minibatch drawn at random from 200 steps of rollouts, as a replay buffer gives. ``policy``
+    (rng -> action) is how the client drives (default: uniformly random actions). The attacker's
+    priors come from its own rollouts (:func:`attacker_prior_states`), never from the client's."""
     torch.manual_seed(seed)
     cfg = RunConfig()
     codec = make_codec(cfg.env)
     rng = np.random.default_rng(seed)
     if replay:
-        pool = real_observations(200, seed=seed + 11)
+        pool = real_observations(200, seed=seed + 11, policy=policy)
         idx = rng.choice(len(pool) - 1, batch_size, replace=False)
         s, s2 = pool[idx], pool[idx + 1]
-        obs = pool
     else:
-        obs = real_observations(batch_size + 1, seed=seed + 11)
-        s, s2 = obs[:-1], obs[1:]
-    actions = rng.integers(0, 5, batch_size)
+        pool = real_observations(batch_size + 1, seed=seed + 11, policy=policy)
+        s, s2 = pool[:-1], pool[1:]
+    actions = rng.integers(0, 5, batch_size) if policy is None else np.array([policy(rng) for _ in range(batch_size)])
     truth = Batch(
         torch.as_tensor(s),
         torch.nn.functional.one_hot(torch.as_tensor(actions), 5).float(),
@@ -37,11 +54,11 @@ def setup_case(batch_size: int, seed: int = 0, hidden: tuple[int, ...] = (64, 64
         torch.as_tensor(s2),
         torch.zeros(batch_size),
     )
-    model = QNetwork(35, 5, list(hidden))
+    model = QNetwork(35, 5, list(hidden)) if model is None else model
     params = {k: v.detach() for k, v in model.named_parameters()}
     spec = DQNLossSpec(gamma=0.99)
     grads = spec.gradient(model, params, params, truth)
-    priors = Priors(codec=codec, prior_states=obs)
+    priors = Priors(codec=codec, prior_states=attacker_prior_states(seed))
     inp = AttackInput(copy.deepcopy(model), params, params, grads, spec, batch_size, (5, 7), 5, priors)
     t = Truth(s, actions, truth.rewards.numpy(), s2, np.zeros(batch_size, np.float32))
     return inp, t, codec
@@ -173,3 +190,76 @@ def test_fedavg_subspace_holds_for_several_local_steps():
     x = torch.as_tensor(truth.states).reshape(6, -1)
     assert space.dim == 5
     assert (space.to_states(space.from_states(x)) - x).abs().max() < 1e-4
+
+
+def _case_states(inp, truth):
+    return np.asarray(truth.states).reshape(len(truth.states), -1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_attacker_priors_hold_none_of_the_clients_transitions(seed):
+    """The honest floor: the attacker's prior states come from its own rollouts, so no true
+    state of a test case (the states or the next states) is among them."""
+    inp, truth, _ = setup_case(8, seed=seed, replay=True)
+    prior = inp.priors.prior_states.reshape(len(inp.priors.prior_states), -1)
+    for true in (truth.states, truth.next_states):
+        x = np.asarray(true).reshape(len(true), -1)
+        dist = np.linalg.norm(x[:, None] - prior[None], axis=-1)
+        assert dist.min() > 1e-6
+
+
+def test_rgia_k_is_exact_without_any_prior_state():
+    """Exact recovery needs no start near the truth: no prior states, no analytic help beyond
+    the update itself, 16 transitions of a replay minibatch."""
+    inp, truth, codec = setup_case(16, seed=3, hidden=(256, 256), replay=True)
+    inp.priors = Priors(codec=codec, prior_states=None)
+    rec = make_attack("rgia-k", iterations=20, restarts=2).run(inp, seed=0)
+    m, _ = score(truth, rec.states, rec.actions, rec.rewards, rec.next_states, codec)
+    assert rec.extra["states_found"] == 16
+    assert m["ego_within_1m"] == 1.0 and m["ego_pos_err_m"] < 1e-2 and m["neighbour_pos_err_m"] < 1e-2, m
+    assert m["action_acc"] == 1.0
+
+
+def test_rgia_k_recovers_a_cautious_driver_unlike_the_attackers_rollouts():
+    """A client that mostly brakes (90 % SLOWER) drives unlike the attacker's random rollouts:
+    its batch is recovered all the same."""
+    cautious = lambda rng: 4 if rng.random() < 0.9 else int(rng.integers(5))  # noqa: E731
+    inp, truth, codec = setup_case(8, seed=5, hidden=(256, 256), replay=True, policy=cautious)
+    rec = make_attack("rgia-k", iterations=20, restarts=2).run(inp, seed=0)
+    m, _ = score(truth, rec.states, rec.actions, rec.rewards, rec.next_states, codec)
+    assert rec.extra["states_found"] == 8
+    assert m["ego_within_1m"] == 1.0 and m["ego_pos_err_m"] < 1e-2, m
+
+
+def test_duplicate_transitions_are_one_term_and_still_recovered():
+    """Two identical transitions are one rank-one term of the update: the update determines 7
+    terms for 8 transitions, the attack says so, and the duplicate takes its term's state."""
+    inp, truth, codec = setup_case(8, seed=2, hidden=(256, 256), replay=True)
+    s, a = truth.states.copy(), truth.actions.copy()
+    s[7], a[7] = s[6], a[6]
+    batch = Batch(torch.as_tensor(s), torch.nn.functional.one_hot(torch.as_tensor(a), 5).float(), torch.as_tensor(truth.rewards), torch.as_tensor(truth.next_states), torch.zeros(8))
+    batch.next_states[7] = batch.next_states[6]
+    batch.rewards[7] = batch.rewards[6]
+    inp.gradient = inp.loss.gradient(inp.model, inp.params, inp.target_params, batch)
+    t = Truth(s, a, batch.rewards.numpy(), batch.next_states.numpy(), np.zeros(8, np.float32))
+    rec = make_attack("rgia-k", iterations=20, restarts=2).run(inp, seed=0)
+    assert rec.extra["update_rank"] == 7 and rec.extra["states_found"] == 7
+    m, _ = score(t, rec.states, rec.actions, rec.rewards, rec.next_states, codec)
+    assert m["ego_within_1m"] == 1.0 and m["ego_pos_err_m"] < 1e-2, m
+
+
+def test_peeling_subtracts_each_samples_own_gradient():
+    """The exact recovery peels a sample off with its own gradient contribution: the chain's
+    per-sample gradient equals autograd's on the network."""
+    from drivepriv.attacks.exact import Chain
+
+    inp, truth, _ = setup_case(3, seed=1, hidden=(32, 16))
+    x = torch.as_tensor(truth.states).reshape(3, -1).double()
+    g_out = torch.randn(3, 5, dtype=torch.float64)
+    chain = Chain(inp.model, inp.params, dict(zip(inp.params, inp.gradient)))
+    ours = chain.per_sample_gradients(x, g_out)
+    model = copy.deepcopy(inp.model).double()
+    out = model(x)
+    grads = torch.autograd.grad((out * g_out).sum(), list(model.parameters()))
+    for (gw, gb), w, b in zip(ours, grads[0::2], grads[1::2]):
+        assert torch.allclose(gw, w, atol=1e-10) and torch.allclose(gb, b, atol=1e-10)

@@ -7,13 +7,15 @@ from drivepriv.config import RunConfig
 from drivepriv.envs import make_codec, make_env
 
 
-def real_observations(n: int = 40, seed: int = 0) -> np.ndarray:
+def real_observations(n: int = 40, seed: int = 0, policy=None) -> np.ndarray:
+    """n observations of merge driven by ``policy`` (rng -> action; default uniformly random),
+    from environment seeds seed, seed + k, ... (k < n)."""
     env = make_env(RunConfig().env)
     obs, _ = env.reset(seed=seed)
     rng = np.random.default_rng(seed)
     out = [obs]
     while len(out) < n:
-        obs, _, term, trunc, _ = env.step(int(rng.integers(5)))
+        obs, _, term, trunc, _ = env.step(int(rng.integers(5)) if policy is None else int(policy(rng)))
         out.append(obs)
         if term or trunc:
             obs, _ = env.reset(seed=seed + len(out))

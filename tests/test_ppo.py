@@ -11,6 +11,7 @@ from drivepriv.agents.ppo import PPOLossSpec
 from drivepriv.attacks import AttackInput, Priors, make_attack
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_codec
+from tests.test_attacks import attacker_prior_states
 from tests.test_codec import real_observations
 
 GAMMA, VF, ENT = 0.99, 0.5, 0.01
@@ -44,7 +45,7 @@ def ppo_case(batch_size: int, seed: int = 0, hidden=(64, 64)):
     grads, ret = ppo_gradient_by_hand(model, s, a, r, s2, d)
     params = {k: v.detach() for k, v in model.named_parameters()}
     spec = PPOLossSpec(gamma=GAMMA, vf_coef=VF, ent_coef=ENT)
-    priors = Priors(codec=make_codec(RunConfig().env), prior_states=pool)
+    priors = Priors(codec=make_codec(RunConfig().env), prior_states=attacker_prior_states(seed))
     inp = AttackInput(copy.deepcopy(model), params, params, grads, spec, batch_size, (5, 7), 5, priors)
     return inp, (s, a, r, s2, d, ret)
 
