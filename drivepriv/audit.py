@@ -2,7 +2,7 @@
 
 For users who run their own FRL system, without drivepriv's training loop::
 
-    from drivepriv.audit import make_env, invert_gradients, decode_observations
+    from drivepriv.audit import make_env, invert_gradients, invert_update, decode_observations
     env = make_env("merge", seed=0)          # the environment whose observations the priors expect
     rec = invert_gradients(model, gradients, scenario="merge", algorithm="dqn", batch_size=8)
     decode_observations("merge", rec.states)  # DataFrame in physical units
@@ -87,13 +87,16 @@ def make_env(scenario: str | RunConfig, seed: int = 0) -> gym.Env:
 
 
 def decode_observations(scenario: str | RunConfig, observations: np.ndarray) -> pd.DataFrame:
-    """Observations (B, V, F) or (V, F) -> one row per transition and vehicle, world frame, SI units.
+    """Observations (B, V, F), (V, F) or flattened (B, V*F) -> one row per transition and
+    vehicle, world frame, SI units.
 
     Columns: transition, vehicle (0 is the ego), present, x_m, y_m, vx_mps, vy_mps, speed_mps,
     and heading_rad where the observation has cos_h/sin_h. Absent vehicles are left out.
     """
     codec = make_codec(_scenario(scenario, None).env)
     obs = np.asarray(observations, dtype=np.float32)
+    if obs.ndim == 2 and obs.shape[1] == codec.vehicles_count * codec.n_features and obs.shape != (codec.vehicles_count, codec.n_features):
+        obs = obs.reshape(len(obs), codec.vehicles_count, codec.n_features)  # flattened, as a model sees them
     if obs.ndim == 2:
         obs = obs[None]
     if obs.shape[1:] != (codec.vehicles_count, codec.n_features):
@@ -184,16 +187,58 @@ def invert_gradients(
         settings: configuration overrides, e.g. ``{"attack.iterations": 800}``.
         vf_coef, ent_coef: PPO's value-loss and entropy coefficients (``algorithm="ppo"``).
     """
+    return _invert(model, gradients, "gradients", scenario, algorithm, batch_size, 1, 0.0, False, target_model, gamma, attack, seed, settings, vf_coef, ent_coef)
+
+
+def invert_update(
+    model: nn.Module,
+    update: Sequence[torch.Tensor],
+    scenario: str | RunConfig = "merge",
+    algorithm: str = "dqn",
+    batch_size: int = 8,
+    local_steps: int = 1,
+    lr: float = 0.01,
+    target_model: nn.Module | None = None,
+    gamma: float = 0.99,
+    attack: str = "rgia-k",
+    seed: int = 0,
+    same_batch: bool = False,
+    settings: dict[str, Any] | None = None,
+    vf_coef: float = 0.5,
+    ent_coef: float = 0.0,
+) -> AuditReconstruction:
+    """Reconstruct the transitions behind one FedAvg update.
+
+    ``update`` is the parameter delta (new minus old, one tensor per parameter in
+    ``model.parameters()`` order) after ``local_steps`` plain SGD steps at ``lr`` on the loss of
+    ``algorithm``, each on a fresh minibatch of ``batch_size`` transitions: the result holds all
+    ``local_steps * batch_size`` of them (states of shape (K*B, V, F)). With
+    ``same_batch=True`` every step used the same minibatch: the result holds its
+    ``batch_size`` transitions, inverted from the update's mean gradient ``-update / (K lr)``
+    (exact for one step; for several, the K gradients differ by the drift of the parameters,
+    of order lr). Other arguments as :func:`invert_gradients`.
+    """
+    if local_steps < 1:
+        raise ConfigError(f"local_steps: expected an integer >= 1, got {local_steps}")
+    if not lr > 0:
+        raise ConfigError(f"lr: expected the clients' positive local step size, got {lr}")
+    return _invert(model, update, "update", scenario, algorithm, batch_size, local_steps, lr, same_batch, target_model, gamma, attack, seed, settings, vf_coef, ent_coef)
+
+
+def _invert(model, payload, what, scenario, algorithm, batch_size, local_steps, lr, same_batch, target_model, gamma, attack, seed, settings, vf_coef, ent_coef) -> AuditReconstruction:
+    """invert_gradients (``what="gradients"``) and invert_update (``what="update"``)."""
     if algorithm not in SUPPORTED_ALGORITHMS:
         raise ConfigError(f"algorithm '{algorithm}' is not supported; supported: {', '.join(SUPPORTED_ALGORITHMS)}")
     if batch_size < 1:
         raise ConfigError(f"batch_size: expected an integer >= 1, got {batch_size}")
     params = list(model.parameters())
-    if len(gradients) != len(params):
-        raise ConfigError(f"gradients: expected {len(params)} tensors (one per model parameter), got {len(gradients)}")
-    for i, (p, g) in enumerate(zip(params, gradients)):
+    if len(payload) != len(params):
+        raise ConfigError(f"{what}: expected {len(params)} tensors (one per model parameter), got {len(payload)}")
+    for i, (p, g) in enumerate(zip(params, payload)):
         if tuple(g.shape) != tuple(p.shape):
-            raise ConfigError(f"gradients[{i}]: expected shape {tuple(p.shape)} like the parameter, got {tuple(g.shape)}")
+            raise ConfigError(f"{what}[{i}]: expected shape {tuple(p.shape)} like the parameter, got {tuple(g.shape)}")
+        if not bool(torch.isfinite(torch.as_tensor(g)).all()):
+            raise ConfigError(f"{what}[{i}]: contains NaN or infinite values; pass the {what} exactly as the client computed it")
 
     from drivepriv.pipeline import build_priors  # the same public priors as drivepriv eval
 
@@ -205,16 +250,28 @@ def invert_gradients(
     wrapped = _FlatInput(copy.deepcopy(model), n_actions)
     target = _FlatInput(copy.deepcopy(target_model if target_model is not None else model), n_actions)
     priors, _, _ = build_priors(cfg, progress=False)
+    payload = tuple(torch.as_tensor(g).detach().float() for g in payload)
+    fedavg = what == "update"
+    steps = 1 if same_batch else local_steps
+    if not fedavg:
+        gradient = payload
+    elif same_batch:
+        gradient = tuple(-d / (lr * local_steps) for d in payload)
+    else:
+        gradient = tuple(-d / lr for d in payload)
     inp = AttackInput(
         model=wrapped,
         params={k: v.detach().clone() for k, v in wrapped.named_parameters()},
         target_params={k: v.detach().clone() for k, v in target.named_parameters()},
-        gradient=tuple(torch.as_tensor(g).detach().float() for g in gradients),
+        gradient=gradient,
         loss=loss,
         batch_size=batch_size,
         obs_shape=(codec.vehicles_count, codec.n_features),
         n_actions=n_actions,
         priors=priors,
+        local_steps=steps,
+        local_lr=lr if steps > 1 else 0.0,
+        delta=payload if steps > 1 else None,
     )
     a = cfg.attack
     rec = make_attack(attack, iterations=a.iterations, restarts=a.restarts, lr=a.lr, weights=a.weights).run(inp, seed)

@@ -221,8 +221,9 @@ class AttackConfig:
     """Which attacks run, on which rounds and clients, and how hard they optimise."""
 
     attacks: list[str] = field(default_factory=lambda: ["rgia", "dlg"])
-    #: Rounds to attack, 0-based; negative counts from the last round.
-    rounds: list[int] = field(default_factory=lambda: [0, -1])
+    #: Rounds to attack: a list (0-based; negative counts from the last round), ``all``, or
+    #: ``every:N`` (rounds 0, N, 2N, ... and the last one).
+    rounds: list[int] | str = field(default_factory=lambda: [0, -1])
     #: Clients to attack (empty: all).
     clients: list[int] = field(default_factory=list)
     iterations: int = 400
@@ -233,6 +234,14 @@ class AttackConfig:
     #: merge: dynamics 0.1 beats 1.0 (the learned model's own error then dominates gradient matching).
     weights: dict[str, float] = field(default_factory=lambda: {"state": 1.0, "reward": 1.0, "dynamics": 0.1, "physics": 1.0})
     dynamics: DynamicsPriorConfig = field(default_factory=DynamicsPriorConfig)
+
+    def round_indices(self, total: int) -> list[int]:
+        """The attacked rounds, sorted, for a federation of ``total`` rounds."""
+        if self.rounds == "all":
+            return list(range(total))
+        if isinstance(self.rounds, str):  # every:N, first and last included
+            return sorted({*range(0, total, int(self.rounds.split(":")[1])), total - 1})
+        return sorted({k % total for k in self.rounds})
 
     def validate(self, where: str) -> None:
         if not self.attacks:
@@ -245,6 +254,13 @@ class AttackConfig:
             raise ConfigError(f"{where}.lr: expected a positive step size, got {self.lr}")
         if not self.rounds:
             raise ConfigError(f"{where}.rounds: expected at least one round to attack")
+        if isinstance(self.rounds, str):
+            stride = self.rounds.partition("every:")[2]
+            ok = self.rounds == "all" or (self.rounds.startswith("every:") and stride.isdigit() and int(stride) >= 1)
+            if not ok:
+                raise ConfigError(
+                    f"{where}.rounds: expected a list of rounds, 'all' or 'every:N' with N >= 1 (e.g. every:50), got {self.rounds!r}"
+                )
         for name, w in self.weights.items():
             known = ("state", "reward", "dynamics", "physics")
             if name not in known:
@@ -299,7 +315,7 @@ class RunConfig:
             if not 0 <= c < n:
                 raise ConfigError(f"{where}.attack.clients: client {c} does not exist (clients are 0..{n - 1})")
         r = self.federation.rounds
-        for k in self.attack.rounds:
+        for k in [] if isinstance(self.attack.rounds, str) else self.attack.rounds:
             if not -r <= k < r:
                 raise ConfigError(f"{where}.attack.rounds: round {k} does not exist (rounds are 0..{r - 1}, or -1..-{r})")
 

@@ -20,11 +20,13 @@ from tqdm.auto import tqdm
 
 from drivepriv.agents.algorithms import ActionSpec, make_algorithm
 from drivepriv.attacks import AttackInput, Priors, Reconstruction, make_attack
+from drivepriv.attacks.exact import layer_ranks
 from drivepriv.config import RunConfig, dump_yaml
 from drivepriv.envs import make_codec, make_env
 from drivepriv.errors import ConfigError
 from drivepriv.federation.defenses import DefenseStack
 from drivepriv.federation.inprocess import GroundTruth, ServerView, evaluate_policy, resolve_attacked, run_federation
+from drivepriv.metrics.identifiability import separable_transitions
 from drivepriv.metrics.scores import Truth, score
 from drivepriv.metrics.vector import score_vector, vector_metric_columns
 from drivepriv.report.build import build_report
@@ -52,6 +54,11 @@ METRIC_COLUMNS = [
     "dyn_residual_truth_m",
     "grad_distance",
 ]
+
+#: Columns every backend's metrics.csv ends with: what the update can determine (the truth-side
+#: ceiling of :mod:`drivepriv.metrics.identifiability` and the update's first-layer rank) and how
+#: many states the attack certified from it (rgia-k; NaN for the others).
+IDENTIFIABILITY_COLUMNS = ["identifiable", "update_rank", "states_certified"]
 
 @dataclass
 class RunResult:
@@ -188,6 +195,16 @@ def attack_input(model: torch.nn.Module, view: ServerView, priors: Priors, obs_s
     )
 
 
+def update_rank(inp: AttackInput) -> float:
+    """How many distinct rank-one terms the update's first linear layer carries (NaN where the
+    network is not a chain of biased linear layers)."""
+    try:
+        ranks = layer_ranks(inp.model, inp.params, dict(zip(inp.params, inp.gradient)), inp.n_transitions)
+    except (ValueError, KeyError):
+        return float("nan")
+    return float(next(iter(ranks.values())))
+
+
 def _truth(gt: GroundTruth) -> Truth:
     """All transitions behind the update (the K local minibatches of FedAvg, concatenated)."""
     cat = {k: np.concatenate([b[k] for b in gt.batches]) for k in gt.batches[0]}
@@ -198,9 +215,9 @@ def _truth(gt: GroundTruth) -> Truth:
 def metric_columns(codec, continuous: bool) -> list[str]:
     """metrics.csv's columns for a scenario's observation codec."""
     if codec.kind == "vector":
-        return vector_metric_columns(codec, continuous)
+        return vector_metric_columns(codec, continuous) + IDENTIFIABILITY_COLUMNS
     cols = list(METRIC_COLUMNS)
-    return [("action_abs_err" if c == "action_acc" and continuous else c) for c in cols]
+    return [("action_abs_err" if c == "action_acc" and continuous else c) for c in cols] + IDENTIFIABILITY_COLUMNS
 
 
 def score_any(truth: Truth, rec: Reconstruction, codec) -> tuple[dict[str, float], np.ndarray]:
@@ -329,6 +346,10 @@ def attack_and_report(
         truth = _truth(truths[(view.round, view.client)])
         inp = attack_input(model, view, priors, obs_shape, n_actions)
         truth_residual = residual_of(truth.states, truth.actions, truth.next_states)
+        ceiling = {
+            "identifiable": separable_transitions(model, view.params, truth.states, None if continuous else truth.actions),
+            "update_rank": update_rank(inp),
+        }
         recs: dict[str, tuple[Reconstruction, np.ndarray]] = {}
         for name in cfg.attack.attacks:
             attack = make_attack(name, iterations=cfg.attack.iterations, restarts=cfg.attack.restarts, lr=cfg.attack.lr, weights=cfg.attack.weights)
@@ -337,6 +358,7 @@ def attack_and_report(
             m["dyn_residual" + suffix] = residual_of(rec.states[perm], rec.actions[perm], rec.next_states[perm])
             m["dyn_residual_truth" + suffix] = truth_residual
             m["grad_distance"] = rec.grad_distance
+            m.update(ceiling, states_certified=rec.extra.get("states_found", float("nan")))
             rows.append({"attack": name, "client": view.client, "round": view.round, "seed": cfg.seed, "batch_size": view.batch_size, "local_steps": inp.local_steps, **m})
             timings.append({"attack": name, "client": view.client, "round": view.round, "seed": cfg.seed, "time_s": rec.time_s})
             recs[name] = (rec, perm)

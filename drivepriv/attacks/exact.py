@@ -164,12 +164,13 @@ class _Search:
     """One peeling round: the layers' spaces at their numerical ranks, the batched active-set
     Newton search and the certification tests (see the module docstring)."""
 
-    def __init__(self, chain: Chain, grads: list[Tensor], n: int) -> None:
+    def __init__(self, chain: Chain, grads: list[Tensor], n: int, floor: float = 1e-7) -> None:
         self.chain, self.n = chain, n
         L = len(chain.layers)
         self.svd = [torch.linalg.svd(g, full_matrices=False) for g in grads[: L - 1]]
         #: rank of every hidden layer's gradient: how many distinct rank-one terms it carries
-        self.rank = [_rank(sv, n) for _, sv, _ in self.svd]
+        #: above the payload's noise floor (relative to the original gradient's largest singular value)
+        self.rank = [_rank(sv, n, floor * float(self.svd[0][1][0]) / max(float(sv[0]), 1e-300)) for _, sv, _ in self.svd]
         self.grads = grads
         # row spaces of the hidden layers with rank room (not the output layer: its output
         # gradients are not independent, e.g. one-hot for DQN)
@@ -293,6 +294,13 @@ def recover_exact(
     empty = ExactResult(np.zeros((0, chain.in_dim), np.float32), np.zeros((0, n_out)), 1.0)
     if not chain.piecewise_linear or len(chain.layers) < 2:
         return empty
+    # The payload's own resolution: singular values past the n-th are rounding noise (float32
+    # gradients: about 1e-8 of the largest; a FedAvg delta, new minus old parameters in float32,
+    # far more). Ranks and tolerances follow it.
+    sv = torch.linalg.svdvals(chain.layers[0].grad_matrix)
+    noise = float(sv[n] / sv[0]) if n < len(sv) and float(sv[0]) > 0 else 0.0
+    floor = max(1e-7, 10.0 * noise)
+    tol = max(tol, min(1e-4, (200.0 * noise) ** 2))
     gen = torch.Generator().manual_seed(seed)
     grads = [layer.grad_matrix.clone() for layer in chain.layers]
     total_norm = float(torch.sqrt(sum((g**2).sum() for g in grads)))
@@ -309,13 +317,14 @@ def recover_exact(
     for rounds in range(1, max_rounds + 1):
         if remaining == 0:
             break
-        search = _Search(chain, grads, remaining)
+        search = _Search(chain, grads, remaining, floor)
         if search.rank[0] == 0:
             break
         if first is None:
             first = search
             stats["rank_first_layer"] = float(search.rank[0])
             stats["rank_last_hidden"] = float(search.rank[-1])
+            stats["noise_rel"] = noise
         x0 = low + (high - low) * torch.rand(restarts, chain.in_dim, generator=gen, dtype=torch.float64)
         if extra is not None and rounds == 1:
             x0 = torch.cat([extra, x0])
@@ -362,7 +371,7 @@ def _newton_certified(search: _Search, x: Tensor, tol: float, limit: int) -> lis
     x, r_row = x[ok], r_row[ok]
     r_col, g_dir, _ = search.column_test(x, search.last_hidden)
     ok = r_col < tol
-    return _select(search, x[ok], g_dir[ok], r_row[ok] + r_col[ok], limit)
+    return _select(search, x[ok], g_dir[ok], r_row[ok] + r_col[ok], limit, max(1e-4, 10.0 * tol**0.5))
 
 
 def _complete_first_layer(search: _Search, x: Tensor, tol: float) -> list[tuple[Tensor, Tensor]]:
@@ -380,7 +389,7 @@ def _complete_first_layer(search: _Search, x: Tensor, tol: float) -> list[tuple[
     cand = u[torch.argsort(r_col[ok])]
     dirs: list[int] = []
     for i in range(len(cand)):
-        if not dirs or float((cand[dirs] @ cand[i]).abs().max()) < 1.0 - 1e-6:
+        if not dirs or float((cand[dirs] @ cand[i]).abs().max()) < 1.0 - max(1e-6, tol):
             dirs.append(i)
     if len(dirs) != r:
         return []
@@ -393,14 +402,14 @@ def _complete_first_layer(search: _Search, x: Tensor, tol: float) -> list[tuple[
     # every solved input must give, through its own patterns, the direction it was solved from
     r2, g_dir, u2 = search.column_test(xs, 0)
     cos = (u2 / u2.norm(dim=1, keepdim=True) * U.T).sum(1)
-    if not bool((r2 < tol).all() and (cos.abs() > 1.0 - 1e-6).all()):
+    if not bool((r2 < tol).all() and (cos.abs() > 1.0 - max(1e-6, tol)).all()):
         return []
     # output gradient at its scale: delta_i = t_i U_i, and U_i = D(x_i) g_dir_i / |D(x_i) g_dir_i| * sign
     g = g_dir * (scale * torch.sign(cos) / u2.norm(dim=1))[:, None]
     return [(xs[i], g[i]) for i in range(r)]
 
 
-def _select(search: _Search, x: Tensor, g_dir: Tensor, resid: Tensor, limit: int) -> list[tuple[Tensor, Tensor]]:
+def _select(search: _Search, x: Tensor, g_dir: Tensor, resid: Tensor, limit: int, apart: float = 1e-4) -> list[tuple[Tensor, Tensor]]:
     """Distinct certified points, pairwise biorthogonal under the last hidden layer's
     pseudo-inverse, with their output gradients at their exact scale."""
     if not len(x):
@@ -419,12 +428,12 @@ def _select(search: _Search, x: Tensor, g_dir: Tensor, resid: Tensor, limit: int
     cross = v @ search.pinv(k) @ u.T  # (c, c): [a_c, 1] M^+ delta_k
     own = torch.diagonal(cross)
     scale = cross.abs() / (own.abs()[:, None] * own.abs()[None, :]).sqrt().clamp_min(1e-300)
-    conflicts = (scale > 1e-4).sum(1) - 1
+    conflicts = (scale > apart).sum(1) - 1
     chosen: list[int] = []
     for i in sorted(range(len(x)), key=lambda i: (int(conflicts[i]), float(resid[i]))):
         if own[i].abs() < 1e-300:
             continue
-        if all(scale[i, j] <= 1e-4 and scale[j, i] <= 1e-4 for j in chosen):
+        if all(scale[i, j] <= apart and scale[j, i] <= apart for j in chosen):
             chosen.append(i)
         if len(chosen) == limit:
             break
@@ -432,14 +441,9 @@ def _select(search: _Search, x: Tensor, g_dir: Tensor, resid: Tensor, limit: int
     return [(x[i], g_dir[i] / own[i]) for i in chosen]
 
 
-def identifiability(model: nn.Module, params: dict[str, Tensor], gradient: dict[str, Tensor], n: int) -> dict[str, float]:
-    """How much of a batch of n the update can determine: per linear layer the numerical rank
-    of ``[dW | db]`` (at float32 resolution) against n, and its smallest kept singular value."""
+def layer_ranks(model: nn.Module, params: dict[str, Tensor], gradient: dict[str, Tensor], n: int) -> dict[str, int]:
+    """Per linear layer, how many distinct rank-one terms its gradient carries at float32
+    resolution (at most n, the transitions behind the update; fewer where the update merges
+    transitions it cannot split)."""
     chain = Chain(model, params, gradient)
-    out: dict[str, float] = {}
-    for name, layer in zip(chain.names, chain.layers):
-        sv = torch.linalg.svdvals(layer.grad_matrix)
-        rank = int((sv > 1e-6 * sv[0]).sum()) if sv[0] > 0 else 0
-        out[f"{name}.rank"] = float(rank)
-        out[f"{name}.sv_min_rel"] = float(sv[min(n, len(sv)) - 1] / sv[0]) if sv[0] > 0 else 0.0
-    return out
+    return {name: _rank(torch.linalg.svdvals(layer.grad_matrix), n) for name, layer in zip(chain.names, chain.layers)}

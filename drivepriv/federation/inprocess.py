@@ -435,7 +435,7 @@ def evaluate_policy(cfg: RunConfig, model: torch.nn.Module, algorithm: LocalAlgo
 def resolve_attacked(cfg: RunConfig) -> set[tuple[int, int]]:
     """The (round, client) pairs the configuration asks to attack."""
     r = cfg.federation.rounds
-    rounds = sorted({k % r for k in cfg.attack.rounds})
+    rounds = cfg.attack.round_indices(r)
     clients = cfg.attack.clients or list(range(cfg.federation.clients))
     return {(rnd, c) for rnd in rounds for c in clients}
 

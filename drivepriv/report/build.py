@@ -166,7 +166,7 @@ def _settings(cfg: RunConfig, privacy: dict) -> dict[str, str]:
         "simulator": f"{cfg.env.backend} ({cfg.env.id})",
         "defenses": str(privacy.get("defenses", "none")),
         "attacks": ", ".join(cfg.attack.attacks),
-        "attacked": f"rounds {sorted({r % fed.rounds for r in cfg.attack.rounds})}, clients {cfg.attack.clients or 'all'}",
+        "attacked": f"rounds {cfg.attack.round_indices(fed.rounds)}, clients {cfg.attack.clients or 'all'}",
         "attack budget": f"{cfg.attack.iterations} iterations x {cfg.attack.restarts} restarts",
         "seed": str(cfg.seed),
     }
