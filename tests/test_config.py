@@ -97,3 +97,18 @@ def test_cli_yaml_error_names_file(tmp_path):
     p = write(tmp_path, "federation:\n  clients: 0\n")
     r = run_cli("eval", "--scenario", str(p), cwd=tmp_path)
     assert r.returncode == 2 and str(p) in r.stderr and "federation.clients" in r.stderr
+
+
+def test_attacked_rounds_all_and_every():
+    from drivepriv.federation.inprocess import resolve_attacked
+
+    cfg = apply_overrides(load_scenario("merge"), [parse_override("attack.rounds=every:50"), parse_override("attack.clients=[1]")])
+    assert cfg.attack.round_indices(cfg.federation.rounds) == [0, 50, 100, 150, 199]
+    assert resolve_attacked(cfg) == {(r, 1) for r in (0, 50, 100, 150, 199)}
+    cfg = apply_overrides(cfg, [parse_override("attack.rounds=all"), parse_override("federation.rounds=3")])
+    assert cfg.attack.round_indices(3) == [0, 1, 2]
+    cfg = apply_overrides(cfg, [parse_override("attack.rounds=[0, -1]")])
+    assert cfg.attack.round_indices(3) == [0, 2]
+    for bad in ("every:0", "every:x", "some"):
+        with pytest.raises(ConfigError, match="'all' or 'every:N'"):
+            apply_overrides(cfg, [parse_override(f"attack.rounds={bad}")])

@@ -332,7 +332,7 @@ def recover_exact(
         # pattern candidates: the Newton points, and points of this round's first-layer subspace
         probe = low + (high - low) * torch.rand(probes if rounds == 1 else restarts, chain.in_dim, generator=gen, dtype=torch.float64)
         pool += [x_newton, search.project(torch.cat([x0, probe]))]
-        complete = _complete_first_layer(first, torch.cat(pool + found_x), tol)
+        complete = _complete_first_layer(first, torch.cat(pool + found_x), tol, gen)
         if complete:
             # all of the update's first-layer terms at once, from the original gradient
             stats[f"round{rounds}_completed"] = float(len(complete))
@@ -374,39 +374,84 @@ def _newton_certified(search: _Search, x: Tensor, tol: float, limit: int) -> lis
     return _select(search, x[ok], g_dir[ok], r_row[ok] + r_col[ok], limit, max(1e-4, 10.0 * tol**0.5))
 
 
-def _complete_first_layer(search: _Search, x: Tensor, tol: float) -> list[tuple[Tensor, Tensor]]:
+def _complete_first_layer(search: _Search, x: Tensor, tol: float, gen: torch.Generator | None = None, swaps: int = 300) -> list[tuple[Tensor, Tensor]]:
     """SPEAR's completion: once the output-gradient directions of all r rank-one terms of the
     first layer's gradient are known (from candidates whose patterns pass the first layer's
-    column test), the inputs follow by least squares,
-    ``[t_i x_i, t_i] = (U^+ M)_i``. Returns nothing unless all r directions were found and every
-    solved input reproduces its direction through its own patterns."""
+    column test), the inputs follow by least squares, ``[t_i x_i, t_i] = (U^+ M)_i``; every
+    solved input must reproduce, through its own patterns, the direction it was solved from.
+
+    Trained networks give more candidate directions than terms: where samples differ in a few
+    units, pattern combinations such as ``m_k + m_l - m_i`` give directions inside the column
+    space that no sample has. A local search then picks r of them (most often hit first) and
+    swaps out those whose solved inputs fail the check, until every one passes (or ``swaps``
+    tries). Returns nothing unless all r terms pass."""
     r = search.rank[0]
     if r == 0 or 0 not in search.row:
         return []
     r_col, _, u = search.column_test(x, 0)
     ok = torch.nonzero(r_col < tol).flatten()
     u = u[ok] / u[ok].norm(dim=1, keepdim=True)
-    cand = u[torch.argsort(r_col[ok])]
-    dirs: list[int] = []
-    for i in range(len(cand)):
-        if not dirs or float((cand[dirs] @ cand[i]).abs().max()) < 1.0 - max(1e-6, tol):
-            dirs.append(i)
-    if len(dirs) != r:
+    same = 1.0 - max(1e-6, tol)
+    cand: list[Tensor] = []
+    hits: list[int] = []
+    for v in u:
+        if cand:
+            c = (torch.stack(cand) @ v).abs()
+            j = int(c.argmax())
+            if float(c[j]) >= same:
+                hits[j] += 1
+                continue
+        cand.append(v)
+        hits.append(1)
+    if len(cand) < r:
         return []
-    U = cand[dirs].T  # (H, r)
-    W = torch.linalg.lstsq(U, search.grads[0]).solution  # (r, d+1): rows t_i [x_i, 1]
-    scale = W[:, -1]
-    if bool((scale.abs() < 1e-300).any()):
+    C = torch.stack(cand)  # (c, H)
+    order = sorted(range(len(cand)), key=lambda i: -hits[i])
+    chosen = _independent(C, order, r)
+    if chosen is None:
         return []
-    xs = W[:, :-1] / scale[:, None]
-    # every solved input must give, through its own patterns, the direction it was solved from
-    r2, g_dir, u2 = search.column_test(xs, 0)
-    cos = (u2 / u2.norm(dim=1, keepdim=True) * U.T).sum(1)
-    if not bool((r2 < tol).all() and (cos.abs() > 1.0 - max(1e-6, tol)).all()):
-        return []
-    # output gradient at its scale: delta_i = t_i U_i, and U_i = D(x_i) g_dir_i / |D(x_i) g_dir_i| * sign
-    g = g_dir * (scale * torch.sign(cos) / u2.norm(dim=1))[:, None]
-    return [(xs[i], g[i]) for i in range(r)]
+    rng = np.random.default_rng(0 if gen is None else int(torch.randint(2**31 - 1, (1,), generator=gen)))
+    for _ in range(max(1, swaps)):
+        U = C[chosen].T  # (H, r)
+        W = torch.linalg.lstsq(U, search.grads[0]).solution  # (r, d+1): rows t_i [x_i, 1]
+        scale = W[:, -1]
+        xs = W[:, :-1] / torch.where(scale.abs() < 1e-300, torch.ones_like(scale), scale)[:, None]
+        r2, g_dir, u2 = search.column_test(xs, 0)
+        cos = (u2 / u2.norm(dim=1, keepdim=True) * U.T).sum(1)
+        good = (r2 < tol) & (cos.abs() > same) & (scale.abs() >= 1e-300)
+        if bool(good.all()):
+            # output gradient at its scale: delta_i = t_i U_i, U_i = sign * D(x_i) g_dir_i / |D(x_i) g_dir_i|
+            g = g_dir * (scale * torch.sign(cos) / u2.norm(dim=1))[:, None]
+            return [(xs[i], g[i]) for i in range(r)]
+        if len(cand) == r:
+            return []
+        # swap one failing member for an unused candidate that keeps the set independent
+        bad = [chosen[i] for i in torch.nonzero(~good).flatten().tolist()]
+        out = bad[int(rng.integers(len(bad)))]
+        unused = [i for i in order if i not in chosen]
+        rng.shuffle(unused)
+        keep = [i for i in chosen if i != out]
+        for j in unused:
+            trial = _independent(C, keep + [j], r)
+            if trial is not None:
+                chosen = trial
+                break
+        else:
+            return []
+    return []
+
+
+def _independent(C: Tensor, order: list[int], r: int) -> list[int] | None:
+    """The first r rows of C, in ``order``, that are linearly independent (or None)."""
+    picked: list[int] = []
+    for i in order:
+        trial = picked + [i]
+        sv = torch.linalg.svdvals(C[trial])
+        if float(sv[-1]) > 1e-6 * float(sv[0]):
+            picked = trial
+            if len(picked) == r:
+                return picked
+    return None
 
 
 def _select(search: _Search, x: Tensor, g_dir: Tensor, resid: Tensor, limit: int, apart: float = 1e-4) -> list[tuple[Tensor, Tensor]]:
