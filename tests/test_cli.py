@@ -54,13 +54,11 @@ def test_quick_run_writes_complete_report(two_runs):
 
 def test_same_seed_same_metrics(two_runs):
     files = [next((out / "merge").iterdir()) / "metrics.csv" for _, out in two_runs]
-    a, b = (pd.read_csv(f) for f in files)
-    exact = a["attack"] != "rgia-k"
-    # every attack but rgia-k: the same numbers, digit for digit
-    assert a[exact].to_csv(index=False) == b[exact].to_csv(index=False)
-    # rgia-k converges to float32 resolution (3e-5 m on the 1,000 m range of x), and which of
-    # its many float-identical restarts it keeps can differ between processes: the same to 1e-4
-    pd.testing.assert_frame_equal(a[~exact].reset_index(drop=True), b[~exact].reset_index(drop=True), atol=1e-4, rtol=1e-3)
+    # every attack, rgia-k included, byte for byte: rgia-k's exact recovery works in float64 on
+    # the update and picks among its candidates by deterministic rules (the float32 row-space
+    # search it replaced kept one of many float-identical restarts, which moved its rows by 1e-5 m)
+    assert files[0].read_bytes() == files[1].read_bytes()
+    assert (pd.read_csv(files[0])["attack"] == "rgia-k").any()
     training = [next((out / "merge").iterdir()) / "training.csv" for _, out in two_runs]
     assert training[0].read_bytes() == training[1].read_bytes()
 

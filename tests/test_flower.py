@@ -75,7 +75,7 @@ def test_eval_on_flower_writes_a_report_with_the_inprocess_metrics(tmp_path, cap
     for engine in ("flower", "inprocess"):
         out = tmp_path / engine
         rc = main(["eval", "--scenario", "merge", "--engine", engine, "--clients", "3", "--quick", "--attacks", "rgia-k,dlg",
-                   "--out", str(out), "--no-progress"])
+                   "--set", "attack.clients=[]", "--out", str(out), "--no-progress"])
         assert rc == 0
         (runs[engine],) = (out / "merge").iterdir()
     run = runs["flower"]
