@@ -272,22 +272,25 @@ class RGIAAttack(_EngineAttack):
 
 @ATTACKS.register("rgia-k")
 class RGIAKAttack(RGIAAttack):
-    """drivepriv's attack: the states from the row spaces of every hidden layer's gradient,
-    the rest in closed form, RGIA's objective (He, 2025) where that leaves anything open.
+    """drivepriv's attack: the batch recovered exactly from the algebra of the update, the rest
+    in closed form, RGIA's objective (He, 2025) only where nothing could be certified.
 
-    For every linear layer the rows of ``[dL/dW | dL/db]`` span that layer's inputs, one per
-    transition (the first layer's case is the analytic recovery of Phong et al., 2017; the
-    deeper layers' is what separates the samples of a batch). States whose activations lie in
-    all those spaces are searched from many starts at once (:mod:`drivepriv.attacks.rowspace`);
-    actions and TD errors then follow from the last layer by least squares, the next state
-    from the closed-form kinematics of the simulator (the learned model elsewhere), the reward
-    from the TD target or, where the Huber loss saturates, from the reward prior. Where fewer
-    states than transitions are found, the engine refines everything with the state, reward
-    and kinematic regularizers, the states confined to the first-layer gradient's subspace."""
+    Every linear layer's gradient is a sum of rank-one terms, one per transition (the first
+    layer's case is the analytic recovery of Phong et al., 2017; disaggregating them is SPEAR's,
+    Dimitrov et al., 2024): :mod:`drivepriv.attacks.exact` searches, certifies, peels and
+    completes them from starts anywhere in the observation box, independent of where the
+    attacker's own rollouts drove. Actions and TD errors then follow from the last layer by
+    least squares, the next state from the closed-form kinematics of the simulator (the learned
+    model elsewhere), the reward from the TD target or, where the Huber loss saturates, from the
+    reward prior. Transitions the update provably merges (same action and every ReLU pattern)
+    take their term. Where no state is certified, the row-space search
+    (:mod:`drivepriv.attacks.rowspace`) and the engine's refinement with the state, reward and
+    kinematic regularizers take over, the states confined to the first-layer gradient's
+    subspace."""
 
     name = "rgia-k"
     continuous_actions = False
-    summary = "drivepriv: states from every layer's gradient row space, closed-form rest, RGIA refinement with road and kinematic priors"
+    summary = "drivepriv: the batch recovered exactly from the update's rank-one structure (search, certify, peel, complete), closed-form rest, RGIA refinement only where nothing is certified"
 
     def weights(self, inp: AttackInput) -> dict[str, float]:
         given = dict(self.settings.get("weights") or {"state": 1.0, "reward": 1.0, "dynamics": 0.1, "physics": 1.0})
