@@ -46,3 +46,30 @@ def test_errors_in_metres():
     assert abs(m["ego_pos_err_m"] - 2.0) < 1e-3
     assert abs(m["neighbour_pos_err_m"] - 2.0) < 1e-3
     assert match_transitions(t.states, shifted, codec).tolist() == list(range(len(shifted)))
+
+
+def test_leakage_by_round_and_the_verdicts_range():
+    import pandas as pd
+
+    from drivepriv.metrics.leakage import LEAKAGE_COLUMNS, leakage_by_round, verdict
+
+    metrics = pd.DataFrame({
+        "attack": ["rgia-k", "rgia-k", "rgia-k", "dlg", "dlg", "dlg"],
+        "client": [0, 1, 0, 0, 1, 0],
+        "round": [0, 0, 9, 0, 0, 9],
+        "batch_size": [8, 8, 8, 8, 8, 8],
+        "local_steps": [1, 1, 1, 1, 1, 1],
+        "ego_within_1m": [1.0, 0.5, 0.25, 0.0, 0.0, 0.0],
+        "ego_pos_err_m": [1e-5, 2.0, 30.0, 100.0, 90.0, 80.0],
+        "identifiable": [8, 8, 3, 8, 8, 3],
+        "states_certified": [8, 4, 1, None, None, None],
+    })
+    table = leakage_by_round(metrics)
+    assert list(table["attack"]) == ["rgia-k", "rgia-k", "dlg", "dlg"]  # attacks in the run's order
+    first = table.iloc[0]
+    assert first["round"] == 0 and first["transitions"] == 16 and first["ego_within_1m"] == 0.75
+    assert first["identifiable"] == 16 and first["states_certified"] == 12
+    assert table.iloc[1]["ego_pos_err_m"] == 30.0 and np.isnan(table.iloc[2]["states_certified"])
+    leakage = pd.DataFrame([["rgia-k", "ego position", "m", 1.0, 0.58, 2.0, 0.0, 30.0, 24], ["dlg", "ego position", "m", 1.0, 0.0, 90.0, 80.0, 100.0, 24]], columns=LEAKAGE_COLUMNS)
+    lines = verdict(leakage, None, table)["sentences"]
+    assert any("Across the 2 attacked rounds (0 to 9), the ego is within 1 m in 25% (round 9) to 75% (round 0)" in s for s in lines), lines

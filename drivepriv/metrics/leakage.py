@@ -147,7 +147,32 @@ def strongest_attack(leakage: pd.DataFrame) -> str | None:
     return str(sub["attack"].iloc[0])
 
 
-def verdict(leakage: pd.DataFrame, trips: pd.DataFrame | None = None) -> dict:
+def leakage_by_round(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per attack and attacked round: transitions, share of egos within 1 m, median ego error
+    (m) and what the update determines (``identifiable``, ``states_certified`` summed).
+    Empty for observations without an ego position (flat observations)."""
+    cols = ["attack", "round", "transitions", "ego_within_1m", "ego_pos_err_m", "identifiable", "states_certified"]
+    if metrics.empty or "ego_within_1m" not in metrics.columns:
+        return pd.DataFrame(columns=cols)
+    m = metrics.assign(transitions=metrics["batch_size"] * metrics["local_steps"])
+    rows = []
+    for (attack, rnd), g in m.groupby(["attack", "round"], sort=False):
+        n = float(g["transitions"].sum())
+        rows.append({
+            "attack": attack,
+            "round": int(rnd),
+            "transitions": n,
+            "ego_within_1m": float((g["ego_within_1m"] * g["transitions"]).sum() / n) if n else float("nan"),
+            "ego_pos_err_m": float(g["ego_pos_err_m"].median()),
+            "identifiable": float(g["identifiable"].sum()) if "identifiable" in g else float("nan"),
+            "states_certified": float(g["states_certified"].sum(min_count=1)) if "states_certified" in g else float("nan"),
+        })
+    table = pd.DataFrame(rows, columns=cols)
+    order = {a: i for i, a in enumerate(dict.fromkeys(metrics["attack"]))}
+    return table.assign(_o=table["attack"].map(order)).sort_values(["_o", "round"], kind="stable").drop(columns="_o").reset_index(drop=True)
+
+
+def verdict(leakage: pd.DataFrame, trips: pd.DataFrame | None = None, by_round: pd.DataFrame | None = None) -> dict:
     """The report's opening: a level (high / partial / low), a headline and sentences with numbers.
 
     Levels, on the strongest attack's headline feature: high when the attacker gets it within
@@ -181,6 +206,14 @@ def verdict(leakage: pd.DataFrame, trips: pd.DataFrame | None = None) -> dict:
         shares = [r["within"] for r in groups if math.isfinite(r["within"])]
         head_share = float(np.mean(shares)) if shares else 0.0
         other = 0.0
+    rounds = None if by_round is None or by_round.empty else by_round[by_round["attack"] == attack]
+    if rounds is not None and len(rounds) >= 2 and rounds["ego_within_1m"].notna().all():
+        lo, hi = rounds.loc[rounds["ego_within_1m"].idxmin()], rounds.loc[rounds["ego_within_1m"].idxmax()]
+        sentences.append(
+            f"Across the {len(rounds)} attacked rounds ({int(rounds['round'].min())} to {int(rounds['round'].max())}), the ego is "
+            f"within 1 m in {_pct(float(lo['ego_within_1m']))} (round {int(lo['round'])}) to {_pct(float(hi['ego_within_1m']))} "
+            f"(round {int(hi['round'])}) of the transitions."
+        )
     act = rows.get("action (manoeuvre)") or rows.get("action")
     if act is not None:
         what = "exactly" if act["tolerance"] == 0 else f"within {act['tolerance']:g}"
@@ -207,4 +240,4 @@ def verdict(leakage: pd.DataFrame, trips: pd.DataFrame | None = None) -> dict:
     return {"level": level, "headline": headline, "sentences": sentences, "attack": attack}
 
 
-__all__ = ["LEAKAGE_COLUMNS", "feature_leakage", "strongest_attack", "verdict"]
+__all__ = ["LEAKAGE_COLUMNS", "feature_leakage", "leakage_by_round", "strongest_attack", "verdict"]

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_codec, make_env
 from drivepriv.errors import ConfigError
-from drivepriv.metrics.leakage import feature_leakage, verdict
+from drivepriv.metrics.leakage import feature_leakage, leakage_by_round, verdict
 from drivepriv.results import BatchRecord, load_batches
 from drivepriv.seeding import derive_seed
 
@@ -190,6 +190,7 @@ def privacy_utility_rows(privacy: dict, utility: dict) -> list[tuple[str, str]]:
 def build_report(run_dir: Path, progress: bool = False) -> BuiltReport:
     """(Re)build ``run_dir/report.html`` and its figures, videos and tables from saved results."""
     from drivepriv.report import ReportContext, render_report, summarise
+    from drivepriv.report.plots import plot_by_round
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -209,7 +210,12 @@ def build_report(run_dir: Path, progress: bool = False) -> BuiltReport:
     if trips is not None:
         trips.to_csv(run_dir / "trips.csv", index=False, float_format="%.6g")
         trips_summary.to_csv(run_dir / "trips_summary.csv", index=False, float_format="%.6g")
-    opening = verdict(leakage, trips_summary)
+    by_round = leakage_by_round(metrics)
+    by_round.to_csv(run_dir / "rounds.csv", index=False, float_format="%.6g")
+    opening = verdict(leakage, trips_summary, by_round)
+    rounds_figure = None
+    if by_round["round"].nunique() >= 2:
+        rounds_figure = plot_by_round(by_round, run_dir / "figures" / "by_round.png").relative_to(run_dir).as_posix()
 
     batches = [
         _batch_media(cfg, run_dir, rec, codec, road, names, with_video=k < cfg.report.videos)
@@ -243,6 +249,7 @@ def build_report(run_dir: Path, progress: bool = False) -> BuiltReport:
         trips=None if trips_summary is None else trips_summary[[c for c in TRIP_COLUMNS if c in trips_summary.columns]],
         trips_help=trips_help,
         privacy_utility=privacy_utility_rows(privacy, utility),
+        rounds_figure=rounds_figure,
     )
     path = render_report(run_dir, context)
     return BuiltReport(path, summary, opening, leakage, trips_summary)

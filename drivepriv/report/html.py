@@ -149,6 +149,8 @@ class ReportContext:
     trips_help: dict[str, str] = field(default_factory=dict)
     #: (label, value) rows: defenses, privacy spent, utility of the trained policy.
     privacy_utility: Sequence[tuple[str, str]] = ()
+    #: Figure of leakage by attacked round (relative path), where several rounds were attacked.
+    rounds_figure: str | None = None
 
 
 def _rel(run_dir: Path, p: Any, what: str) -> tuple[str | None, bool]:
@@ -280,6 +282,7 @@ def render_report(run_dir: Path, context: ReportContext) -> Path:
         trips=trips,
         trips_help={k: v for k, v in context.trips_help.items() if context.trips is not None and k in context.trips.columns},
         privacy_utility=[(str(k), str(v)) for k, v in context.privacy_utility],
+        rounds_figure=_rel(run_dir, context.rounds_figure, "rounds figure")[0] if context.rounds_figure else None,
         generated=context.generated or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         version=__version__,
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from drivepriv.priors.road import Lane, RoadGeometry
 
@@ -357,4 +358,35 @@ def draw_batch_figure(
                bbox_to_anchor=(0.05 / fig_w, 1 - 0.36 / fig_h))
     fig.savefig(path, dpi=dpi, facecolor="white")
     log.info("wrote batch figure %s (%d transitions)", path, len(idx))
+    return path
+
+
+def plot_by_round(table: pd.DataFrame, path: Path) -> Path:
+    """Per attack, the share of egos within 1 m and the median ego error against the attacked
+    round (``metrics.leakage.leakage_by_round``'s table), with what the update determines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, (attack, d) in enumerate(table.groupby("attack", sort=False)):
+        color = _hex(attack_rgb(i))
+        ax1.plot(d["round"], 100 * d["ego_within_1m"], marker="o", color=color, label=attack)
+        ax2.plot(d["round"], d["ego_pos_err_m"].clip(lower=1e-6), marker="o", color=color, label=attack)
+    first = table.drop_duplicates("round")
+    if first["identifiable"].notna().any():
+        ax1.plot(first["round"], 100 * first["identifiable"] / first["transitions"], linestyle="--", color="0.4", label="determined by the update")
+    ax1.set_ylabel("egos within 1 m (%)")
+    ax1.set_ylim(-5, 105)
+    ax2.set_ylabel("median ego error (m)")
+    ax2.set_yscale("log")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path
