@@ -192,10 +192,6 @@ def test_fedavg_subspace_holds_for_several_local_steps():
     assert (space.to_states(space.from_states(x)) - x).abs().max() < 1e-4
 
 
-def _case_states(inp, truth):
-    return np.asarray(truth.states).reshape(len(truth.states), -1)
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_attacker_priors_hold_none_of_the_clients_transitions(seed):
     """The honest floor: the attacker's prior states come from its own rollouts, so no true

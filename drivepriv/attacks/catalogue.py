@@ -346,10 +346,10 @@ class RGIAKAttack(RGIAAttack):
                 starts=np.concatenate([res.states.reshape(k, -1), analytic]) if k else analytic,
             )
             new = [s for s in found.states if not k or np.min(np.linalg.norm(res.states - s, axis=1)) > 1e-4 * (1.0 + np.linalg.norm(s))]
-            new += [s for s in found.states][: max(0, n - k - len(new))]  # short: repeat the search's own
+            new += list(found.states)[: max(0, n - k - len(new))]  # short: repeat the search's own
             states = np.concatenate([res.states.reshape(k, V * F), np.asarray(new[: n - k], dtype=np.float32).reshape(-1, V * F)])
         start = complete_from_states(inp, states.reshape(n, V, F), self.name)
-        if k == n or explained or k > 0:
+        if k > 0:
             # Every transition accounted for by the update: the rest is closed form, and gradient
             # matching has nothing left to add. Where only some are certified, refining would
             # move the certified states too (measured: a batch of 16 with 15 certified fell

@@ -33,21 +33,19 @@ Batches in Federated Learning", arXiv 2403.03945) disaggregates; we use it this 
    layers have more rank room, searched again.
 
 What the update provably cannot separate (two transitions with the same action and every ReLU
-pattern, or duplicates) shows as a rank deficit; :func:`identifiability` measures it.
+pattern, or duplicates) shows as a rank deficit; :func:`layer_ranks` measures it, and
+:mod:`drivepriv.metrics.identifiability` counts, with the truth, the transitions it leaves apart.
 
 Nothing here uses the truth: only the model, the parameters, the update and the observation box.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,11 +136,6 @@ class Chain:
         return out[::-1]
 
 
-def _row_basis(m: Tensor, n: int) -> Tensor:
-    _, _, vh = torch.linalg.svd(m, full_matrices=False)
-    return vh[:n]
-
-
 def _affine_subspace(v: Tensor) -> tuple[Tensor, Tensor]:
     """``x = p + z @ N``: the x with ``[x, 1]`` in the span of the rows of v (k, d+1)."""
     last = v[:, -1]
@@ -165,7 +158,7 @@ class _Search:
     Newton search and the certification tests (see the module docstring)."""
 
     def __init__(self, chain: Chain, grads: list[Tensor], n: int, floor: float = 1e-7) -> None:
-        self.chain, self.n = chain, n
+        self.chain = chain
         L = len(chain.layers)
         self.svd = [torch.linalg.svd(g, full_matrices=False) for g in grads[: L - 1]]
         #: rank of every hidden layer's gradient: how many distinct rank-one terms it carries
