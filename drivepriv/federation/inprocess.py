@@ -169,15 +169,7 @@ class Client:
             per_sample = [loss_spec.gradient(model, at, target_params, _row(batch, i)) for i in range(len(batch))]
             return dp.privatize(per_sample, torch_generator(self.cfg.seed, "dpsgd", self.cid, rnd, step))
 
-        if fed.strategy == "fedsgd":
-            payload = local_gradient(params, 0)
-        else:
-            local = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-            for step in range(fed.local_steps):
-                grads = local_gradient(local, step)
-                local = {k: (v - fed.lr * g).detach().requires_grad_(True) for (k, v), g in zip(local.items(), grads)}
-            payload = tuple((local[k] - params[k]).detach() for k in params)
-        payload = tuple(p.detach().clone() for p in payload)
+        payload = local_payload(fed.strategy, params, fed.local_steps, fed.lr, local_gradient)
         payload = stack.apply(payload, torch_generator(self.cfg.seed, "defense", self.cid, rnd))
         last = self.finished_returns[-5:]
         row = {
@@ -255,6 +247,22 @@ class Client:
 
     def close(self) -> None:
         self.env.close()
+
+
+def local_payload(strategy: str, params: dict[str, torch.Tensor], local_steps: int, lr: float, local_gradient) -> tuple[torch.Tensor, ...]:
+    """What a client shares: FedSGD, the gradient at the global ``params``; FedAvg, the parameter
+    delta (new minus old) after ``local_steps`` plain SGD steps at ``lr``.
+    ``local_gradient(at, step)`` is the gradient at parameters ``at`` on local step ``step``'s
+    minibatch."""
+    if strategy == "fedsgd":
+        payload = local_gradient(params, 0)
+    else:
+        local = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        for step in range(local_steps):
+            grads = local_gradient(local, step)
+            local = {k: (v - lr * g).detach().requires_grad_(True) for (k, v), g in zip(local.items(), grads)}
+        payload = tuple((local[k] - params[k]).detach() for k in params)
+    return tuple(p.detach().clone() for p in payload)
 
 
 def _row(batch: Batch, i: int) -> Batch:
@@ -440,4 +448,4 @@ def resolve_attacked(cfg: RunConfig) -> set[tuple[int, int]]:
     return {(rnd, c) for rnd in rounds for c in clients}
 
 
-__all__ = ["Client", "ClientUpdate", "FederationResult", "GroundTruth", "Server", "ServerView", "evaluate_policy", "merge_truths", "resolve_attacked", "run_federation", "setup"]
+__all__ = ["Client", "ClientUpdate", "FederationResult", "GroundTruth", "Server", "ServerView", "evaluate_policy", "local_payload", "merge_truths", "resolve_attacked", "run_federation", "setup"]
