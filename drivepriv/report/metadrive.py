@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from drivepriv.envs.vector import VectorCodec
+from drivepriv.report.media import h264_writer
 from drivepriv.report.plots import EGO_RGB, attack_rgb
 
 log = logging.getLogger(__name__)
@@ -173,8 +174,6 @@ def write_lidar_video(frames_truth: np.ndarray, frames_recon: dict[str, np.ndarr
 
     ``frames_truth`` is (T, D); each ``frames_recon`` value is (T, D) in observation units.
     """
-    import imageio.v2 as imageio
-
     truth = np.asarray(frames_truth)
     if truth.ndim != 2 or truth.shape[0] == 0:
         raise ValueError(f"write_lidar_video: expected frames_truth of shape (T, D) with T >= 1, got {truth.shape}")
@@ -184,10 +183,7 @@ def write_lidar_video(frames_truth: np.ndarray, frames_recon: dict[str, np.ndarr
             raise ValueError(f"write_lidar_video: reconstruction '{k}' has shape {v.shape}, the truth {truth.shape}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = imageio.get_writer(
-        path, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=2,
-        ffmpeg_params=["-movflags", "+faststart", "-profile:v", "baseline"], ffmpeg_log_level="error",
-    )
+    writer = h264_writer(path, fps)
     try:
         for t in range(truth.shape[0]):
             frame = draw_lidar_scene(truth[t], {k: v[t] for k, v in recons.items()}, codec, title=f"transition {t + 1}/{truth.shape[0]}")

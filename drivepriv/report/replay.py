@@ -64,6 +64,7 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 
 from drivepriv.errors import ConfigError, did_you_mean
+from drivepriv.report.media import h264_writer
 from drivepriv.report.plots import attack_rgb, poses, select_transitions
 from drivepriv.results import BatchRecord, load_batches
 from drivepriv.seeding import derive_seed
@@ -319,13 +320,8 @@ def _atomic(final: Path, write: Callable[[Path], None]) -> Path:
 
 def _write_mp4(frames: list[np.ndarray], path: Path, fps: int) -> Path:
     """H.264 (libx264, yuv420p, baseline, +faststart): plays in every browser."""
-    import imageio.v2 as imageio
-
     def write(tmp: Path) -> None:
-        writer = imageio.get_writer(
-            tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=2,
-            ffmpeg_params=["-movflags", "+faststart", "-profile:v", "baseline"], ffmpeg_log_level="error",
-        )
+        writer = h264_writer(tmp, fps)
         try:
             for f in frames:
                 writer.append_data(f)

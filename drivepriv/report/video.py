@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from drivepriv.priors.road import RoadGeometry
+from drivepriv.report.media import h264_writer
 from drivepriv.report.plots import (
     ARROW_S,
     CAR_RGB,
@@ -257,8 +258,6 @@ def write_replay_video(
     showing +-``window_m`` along x. At most ``max_transitions`` transitions (evenly
     spaced) are replayed, so the video has ``len(shown) * frames_per_transition`` frames.
     """
-    import imageio.v2 as imageio
-
     if scene.batch_size == 0:
         raise ValueError(f"SceneBatch '{scene.label}' is empty: nothing to replay")
     frames_per_transition = max(2, int(frames_per_transition))
@@ -296,10 +295,7 @@ def write_replay_video(
     def origin(p: int) -> tuple[int, int]:
         return (p * (panel_w + GAP_PX), CAPTION_H) if square else (0, CAPTION_H + p * (panel_h + GAP_PX))
 
-    writer = imageio.get_writer(
-        path, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=2,
-        ffmpeg_params=["-movflags", "+faststart", "-profile:v", "baseline"], ffmpeg_log_level="error",
-    )
+    writer = h264_writer(path, fps)
     n_frames = 0
     try:
         for k, i in enumerate(idx):
