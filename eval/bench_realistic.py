@@ -108,6 +108,7 @@ def run_one(scenario: str, seed: int, width: int, args: argparse.Namespace, prio
                         inp = attack_input(server.model, view, priors, obs_shape, algorithm.actions.n)
                         n = len(truth.actions)
                         ceiling = separable_transitions(server.model, view.params, truth.states, truth.actions) / n
+                        rank = update_rank(inp)
                         for name in [*args.attacks, *(["chance"] if args.chance else [])]:
                             attack_seed = derive_seed(seed, "bench-realistic", name, rnd, c.cid, strategy, b, k)
                             if name == "chance":
@@ -120,7 +121,7 @@ def run_one(scenario: str, seed: int, width: int, args: argparse.Namespace, prio
                                 "scenario": scenario, "width": width, "after": rnd, "strategy": strategy, "batch_size": b,
                                 "local_steps": k, "n": n, "attack": name, "seed": seed, "client": c.cid,
                                 "ego_within_1m": m["ego_within_1m"], "ego_pos_err_m": m["ego_pos_err_m"],
-                                "identifiable": ceiling, "update_rank": update_rank(inp),
+                                "identifiable": ceiling, "update_rank": rank,
                                 "states_certified": rec.extra.get("states_found", float("nan")), "time_s": rec.time_s,
                             }
                             rows.append(row)

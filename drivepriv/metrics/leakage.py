@@ -149,7 +149,8 @@ def strongest_attack(leakage: pd.DataFrame) -> str | None:
 
 def leakage_by_round(metrics: pd.DataFrame) -> pd.DataFrame:
     """Per attack and attacked round: transitions, share of egos within 1 m, median ego error
-    (m) and what the update determines (``identifiable``, ``states_certified`` summed).
+    (m), the transitions the update does not merge (``identifiable``: an upper bound on what it
+    determines) and ``states_certified``, summed.
     Empty for observations without an ego position (flat observations)."""
     cols = ["attack", "round", "transitions", "ego_within_1m", "ego_pos_err_m", "identifiable", "states_certified"]
     if metrics.empty or "ego_within_1m" not in metrics.columns:

@@ -363,7 +363,8 @@ def draw_batch_figure(
 
 def plot_by_round(table: pd.DataFrame, path: Path) -> Path:
     """Per attack, the share of egos within 1 m and the median ego error against the attacked
-    round (``metrics.leakage.leakage_by_round``'s table), with what the update determines."""
+    round (``metrics.leakage.leakage_by_round``'s table), with the share the update does not merge
+    (an upper bound on what it determines)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -376,7 +377,7 @@ def plot_by_round(table: pd.DataFrame, path: Path) -> Path:
         ax2.plot(d["round"], d["ego_pos_err_m"].clip(lower=1e-6), marker="o", color=color, label=attack)
     first = table.drop_duplicates("round")
     if first["identifiable"].notna().any():
-        ax1.plot(first["round"], 100 * first["identifiable"] / first["transitions"], linestyle="--", color="0.4", label="determined by the update")
+        ax1.plot(first["round"], 100 * first["identifiable"] / first["transitions"], linestyle="--", color="0.4", label="not merged by the update (upper bound)")
     ax1.set_ylabel("egos within 1 m (%)")
     ax1.set_ylim(-5, 105)
     ax2.set_ylabel("median ego error (m)")
