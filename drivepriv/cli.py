@@ -41,7 +41,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     cfg = apply_overrides(cfg, overrides, source="--quick") if overrides else cfg
     explicit: list[tuple[list[str], Any]] = [parse_override(s) for s in args.set or []]
     for flag, key in (("seed", "seed"), ("out", "out"), ("clients", "federation.clients"), ("rounds", "federation.rounds"),
-                      ("batch_size", "federation.batch_size"), ("engine", "federation.engine")):
+                      ("batch_size", "federation.batch_size"), ("engine", "federation.engine"), ("workers", "workers")):
         value = getattr(args, flag, None)
         if value is not None:
             explicit.append((key.split("."), value))
@@ -208,6 +208,8 @@ def _run_options(e: argparse.ArgumentParser) -> None:
     e.add_argument("--engine", choices=["inprocess", "flower"],
                    help="where the federation runs: inprocess (default) or flower (Flower's simulation engine on Ray; "
                         'needs pip install -e ".[flower]"); same seed, same numbers')
+    e.add_argument("--workers", type=int, metavar="N",
+                   help="processes the clients, the attacks and the report's figures fan out over (default 0: one per core; 1: one after another); same numbers")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any configuration key, e.g. --set attack.iterations=800")
     e.add_argument("--defense", action="append", metavar="NAME[:KEY=VALUE,...]",
                    help="apply a defense before the server sees updates (repeatable, applied in order; see `drivepriv defenses`), "

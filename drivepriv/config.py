@@ -153,8 +153,14 @@ class FederationConfig:
     defenses: list[dict[str, Any]] = field(default_factory=list)
     #: Utility: greedy episodes of the final global policy on held-out seeds (0: skip).
     eval_episodes: int = 10
-    #: Where the federation runs: ``inprocess`` (the clients one after another in this process)
-    #: or ``flower`` (the same clients and server on Flower's simulation engine, on Ray; needs
+    #: Client sampling (FedAvg's C, McMahan et al., 2017): each round
+    #: ``max(min_clients, int(fraction * clients))`` clients train and send an update, drawn
+    #: from the root seed and the round alone (same seed, same sample, on both engines); the
+    #: others keep their state until they are next sampled. 1.0: every client every round.
+    fraction: float = 1.0
+    min_clients: int = 1
+    #: Where the federation runs: ``inprocess`` (the clients on this machine, over ``workers``
+    #: processes) or ``flower`` (the same clients and server on Flower's simulation engine, on Ray; needs
     #: ``pip install -e ".[flower]"``). Same seed, same numbers (tests/test_flower.py).
     engine: Literal["inprocess", "flower"] = "inprocess"
     #: Flower engine: CPUs each client takes (Ray schedules as many clients at once as fit).
@@ -178,6 +184,10 @@ class FederationConfig:
                 raise ConfigError(f"{where}.{key}: expected an integer >= 0, got {v}")
         if self.lr <= 0:
             raise ConfigError(f"{where}.lr: expected a positive learning rate, got {self.lr}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"{where}.fraction: expected the share of clients sampled per round, in (0, 1], got {self.fraction}")
+        if not 1 <= self.min_clients <= self.clients:
+            raise ConfigError(f"{where}.min_clients: expected 1 to clients ({self.clients}), got {self.min_clients}")
         if self.flower_client_cpus <= 0:
             raise ConfigError(f"{where}.flower_client_cpus: expected a positive number of CPUs, got {self.flower_client_cpus}")
         if self.engine == "flower" and not self.ray_address and self.flower_client_cpus > (os.cpu_count() or 1):
@@ -296,6 +306,10 @@ class RunConfig:
     description: str = ""
     seed: int = 0
     out: str = "reports"
+    #: Processes the in-process engine's clients, the attacks and the report's per-batch figures
+    #: and videos fan out over: 0, one per available core; 1, everything one after another in
+    #: this process. The numbers do not depend on it.
+    workers: int = 0
     env: EnvConfig = field(default_factory=EnvConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
@@ -305,6 +319,8 @@ class RunConfig:
     def validate(self, where: str = "config") -> None:
         if self.seed < 0:
             raise ConfigError(f"{where}.seed: expected an integer >= 0, got {self.seed}")
+        if self.workers < 0:
+            raise ConfigError(f"{where}.workers: expected 0 (one process per core) or a number of processes >= 1, got {self.workers}")
         self.env.validate(f"{where}.env")
         self.agent.validate(f"{where}.agent")
         self.federation.validate(f"{where}.federation")

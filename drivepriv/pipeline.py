@@ -8,6 +8,7 @@ import logging
 import platform
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -27,6 +28,7 @@ from drivepriv.errors import ConfigError
 from drivepriv.federation.defenses import DefenseStack
 from drivepriv.federation.inprocess import GroundTruth, ServerView, evaluate_policy, resolve_attacked, run_federation
 from drivepriv.metrics.identifiability import separable_transitions
+from drivepriv.parallel import fan_out
 from drivepriv.metrics.scores import Truth, score
 from drivepriv.metrics.vector import score_vector, vector_metric_columns
 from drivepriv.report.build import build_report
@@ -94,6 +96,12 @@ def check_supported(cfg: RunConfig, attacks: bool = True) -> None:
         raise ConfigError(
             "defense secagg with FedAvg over several local steps: the sum of K-step deltas is not one client's "
             "unrolled training, which the attacks model; use federation.strategy=fedsgd or local_steps=1"
+        )
+    if attacks and not resolve_attacked(cfg):
+        raise ConfigError(
+            f"federation.fraction={fed.fraction:g}: none of the attacked clients ({cfg.attack.clients or 'all'}) is sampled "
+            f"in the attacked rounds ({cfg.attack.round_indices(fed.rounds)}), so the server sees none of their updates; "
+            "attack more rounds (attack.rounds: all) or more clients (attack.clients: [])"
         )
     if algorithm.on_policy and fed.env_steps_per_round < fed.batch_size:
         raise ConfigError(
@@ -311,8 +319,9 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True, run_id: s
     cfg = DefenseStack.from_specs(cfg.federation.defenses).configure(cfg)  # batch / local_steps defenses
     check_supported(cfg)
     work, final_dir = start_run(cfg, command, run_id, f"drivepriv eval --scenario {cfg.name} --seed {cfg.seed}")
+    t0 = time.perf_counter()
     fed, _ = train_federation(cfg, work, progress)
-    return attack_and_report(cfg, fed.model, fed.views, fed.truths, work, final_dir, progress)
+    return attack_and_report(cfg, fed.model, fed.views, fed.truths, work, final_dir, progress, stages={"train": time.perf_counter() - t0})
 
 
 def attack_and_report(
@@ -323,13 +332,19 @@ def attack_and_report(
     work: Path,
     final_dir: Path,
     progress: bool = True,
+    stages: dict[str, float] | None = None,
 ) -> RunResult:
     """Attack every server view (the attacker's input: the view and public priors), score each
     reconstruction against its client's truth, save and report; then give ``work`` its final name.
 
     ``model`` is the network the views' parameters belong to (any module whose first layer is
-    ``nn.Linear``); ``truths`` is keyed by (round, client) and read by the metrics only."""
+    ``nn.Linear``); ``truths`` is keyed by (round, client) and read by the metrics only.
+    ``stages``: seconds already spent (e.g. training), written to run.json's ``stage_seconds``
+    with the attacker's priors, the attacks and the report."""
+    stages = dict(stages or {})
+    t0 = time.perf_counter()
     priors, dyn_stats, road = build_priors(cfg, progress)
+    stages["priors"] = time.perf_counter() - t0
     codec = priors.codec
     obs_shape = tuple(codec.obs_shape)
     n_actions = model.n_actions
@@ -341,10 +356,23 @@ def attack_and_report(
     rows, timings = [], []
     records: list[BatchRecord] = []
     views = sorted(views, key=lambda v: (v.round, v.client))
-    bar = tqdm(total=len(views) * len(cfg.attack.attacks), desc="attack", unit="attack", disable=not progress, leave=False)
-    for view in views:
+    inputs = [attack_input(model, view, priors, obs_shape, n_actions) for view in views]
+    jobs = [(k, name) for k in range(len(views)) for name in cfg.attack.attacks]
+
+    def run_job(job: tuple[int, str]) -> Reconstruction:
+        k, name = job
+        attack = make_attack(name, iterations=cfg.attack.iterations, restarts=cfg.attack.restarts, lr=cfg.attack.lr, weights=cfg.attack.weights)
+        return attack.run(inputs[k], derive_seed(cfg.seed, "attack", name, views[k].round, views[k].client))
+
+    bar = tqdm(total=len(jobs), desc="attack", unit="attack", disable=not progress, leave=False)
+    # every attack seeds itself from (seed, attack, round, client): the same numbers whichever
+    # worker runs it (drivepriv.parallel)
+    t0 = time.perf_counter()
+    results = dict(zip(jobs, fan_out(run_job, jobs, cfg.workers, done=lambda: bar.update(1))))
+    stages["attacks"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for k, (view, inp) in enumerate(zip(views, inputs)):
         truth = _truth(truths[(view.round, view.client)])
-        inp = attack_input(model, view, priors, obs_shape, n_actions)
         truth_residual = residual_of(truth.states, truth.actions, truth.next_states)
         ceiling = {
             "identifiable": separable_transitions(model, view.params, truth.states, None if continuous else truth.actions),
@@ -352,8 +380,7 @@ def attack_and_report(
         }
         recs: dict[str, tuple[Reconstruction, np.ndarray]] = {}
         for name in cfg.attack.attacks:
-            attack = make_attack(name, iterations=cfg.attack.iterations, restarts=cfg.attack.restarts, lr=cfg.attack.lr, weights=cfg.attack.weights)
-            rec = attack.run(inp, derive_seed(cfg.seed, "attack", name, view.round, view.client))
+            rec = results[(k, name)]
             m, perm = score_any(truth, rec, codec)
             m["dyn_residual" + suffix] = residual_of(rec.states[perm], rec.actions[perm], rec.next_states[perm])
             m["dyn_residual_truth" + suffix] = truth_residual
@@ -362,7 +389,6 @@ def attack_and_report(
             rows.append({"attack": name, "client": view.client, "round": view.round, "seed": cfg.seed, "batch_size": view.batch_size, "local_steps": inp.local_steps, **m})
             timings.append({"attack": name, "client": view.client, "round": view.round, "seed": cfg.seed, "time_s": rec.time_s})
             recs[name] = (rec, perm)
-            bar.update(1)
         gt = truths[(view.round, view.client)]
         records.append(
             BatchRecord(
@@ -382,7 +408,13 @@ def attack_and_report(
     save_batches(work, records)
     (work / "attacker.json").write_text(json.dumps({"dynamics_prior": dyn_stats}, indent=2))
 
+    stages["scoring"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     built = build_report(work, progress=progress)
+    stages["report"] = time.perf_counter() - t0
+    info = json.loads((work / "run.json").read_text())
+    info["stage_seconds"] = {k: round(v, 2) for k, v in stages.items()}  # wall time, not part of the results
+    (work / "run.json").write_text(json.dumps(info, indent=2))
     shutil.move(str(work), str(final_dir))
     return RunResult(final_dir, metrics, built.summary, built.verdict)
 

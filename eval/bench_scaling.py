@@ -5,9 +5,10 @@
 
 What it measures: ``run_federation`` alone (training, no attack, no report) of the scenario's
 federation with the ``--quick`` settings (drivepriv.cli.QUICK: small warm-up, environment steps
-and batch), for each number of clients, on ``federation.engine=inprocess`` (clients one after
-another in one process) and ``federation.engine=flower`` (Flower's simulation engine on Ray, one
-actor per ``federation.flower_client_cpus`` CPUs). Every measurement is a fresh subprocess
+and batch), for each number of clients, on ``federation.engine=inprocess`` (the clients spread
+over one forked worker process per core, drivepriv's ``workers`` default; ``--set workers=1``
+keeps them one after another in one process) and ``federation.engine=flower`` (Flower's
+simulation engine on Ray, one actor per ``federation.flower_client_cpus`` CPUs). Every measurement is a fresh subprocess
 (``bench_scaling.py --one ...``), so no memory, import cache or Ray state carries over; the
 engines alternate within each repeat. Per case:
 

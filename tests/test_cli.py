@@ -20,8 +20,9 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def two_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     results = []
-    for k in range(2):
-        r = run("eval", "--scenario", "merge", "--quick", "--seed", "7", "--out", str(out / f"run{k}"), "--no-progress", cwd=out)
+    # the same seed, the attacks and figures once fanned out over two processes, once one after another
+    for k, workers in enumerate(("2", "1")):
+        r = run("eval", "--scenario", "merge", "--quick", "--seed", "7", "--out", str(out / f"run{k}"), "--no-progress", "--workers", workers, cwd=out)
         assert r.returncode == 0, r.stderr[-3000:]
         results.append((r, out / f"run{k}"))
     return results
@@ -56,9 +57,12 @@ def test_same_seed_same_metrics(two_runs):
     files = [next((out / "merge").iterdir()) / "metrics.csv" for _, out in two_runs]
     # every attack, rgia-k included, byte for byte: rgia-k's exact recovery works in float64 on
     # the update and picks among its candidates by deterministic rules (the float32 row-space
-    # search it replaced kept one of many float-identical restarts, which moved its rows by 1e-5 m)
+    # search it replaced kept one of many float-identical restarts, which moved its rows by 1e-5 m).
+    # The first run fanned its attacks out over two worker processes, the second ran them here.
     assert files[0].read_bytes() == files[1].read_bytes()
     assert (pd.read_csv(files[0])["attack"] == "rgia-k").any()
+    for out_dir, workers in zip((two_runs[0][1], two_runs[1][1]), (2, 1)):
+        assert f"workers: {workers}" in (next((out_dir / "merge").iterdir()) / "config.yaml").read_text()
     training = [next((out / "merge").iterdir()) / "training.csv" for _, out in two_runs]
     assert training[0].read_bytes() == training[1].read_bytes()
 

@@ -21,6 +21,7 @@ def test_replay_clients_sample_the_whole_buffer_and_on_policy_clients_their_roll
 
     monkeypatch.setattr(dqn.ReplayBuffer, "sample", spy)
     settings = {
+        "workers": 1,  # the clients in this process, where the spy sees them
         "agent.algorithm": algorithm,
         "federation.clients": 3,
         "federation.rounds": 3,

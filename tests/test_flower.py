@@ -60,8 +60,10 @@ def _assert_same(a, b) -> None:
         ["--clients", "3", "--rounds", "3"],
         # FedAvg over 2 local steps under DP-SGD: the accountant's sample rates travel in the replies
         ["--clients", "2", "--rounds", "2", "--set", "federation.strategy=fedavg", "--set", "federation.local_steps=2", "--defense", "dpsgd:noise=0.5,clip=1"],
+        # client sampling: 2 of 4 clients a round, every round attacked (the sampled ones are seen)
+        ["--clients", "4", "--rounds", "3", "--set", "federation.fraction=0.5", "--set", "attack.rounds=all"],
     ],
-    ids=["fedsgd", "fedavg-dpsgd"],
+    ids=["fedsgd", "fedavg-dpsgd", "sampled"],
 )
 def test_flower_engine_gives_the_inprocess_federation(argv):
     inprocess = _federation(*argv)

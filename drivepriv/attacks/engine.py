@@ -77,11 +77,14 @@ class StateSubspace:
         return self.p + z @ self.n
 
     def from_states(self, x: Tensor) -> Tensor:
-        """Least-squares coordinates of ``x`` (projection onto the subspace)."""
+        """Least-squares coordinates of ``x`` (projection onto the subspace). The rows of N are
+        orthonormal (orthonormal combinations of U's rows whose last coordinate is zero), so the
+        least-squares solution is ``(x - p) N^T``: a product, where LAPACK's float32 solver gave
+        results that differed from call to call on the same input (the row-space search, and so
+        rgia-k's fallback, moved between two runs of the same seed)."""
         if self.dim == 0:
             return x.new_zeros(*x.shape[:-1], 0)
-        sol = torch.linalg.lstsq(self.n.T, (x - self.p).reshape(-1, x.shape[-1]).T).solution.T
-        return sol.reshape(*x.shape[:-1], self.dim)
+        return (x - self.p) @ self.n.T
 
 
 @dataclass

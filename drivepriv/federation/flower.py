@@ -48,7 +48,7 @@ from drivepriv.config import RunConfig
 from drivepriv.errors import ConfigError
 from drivepriv.federation.defenses import DefenseStack
 from drivepriv.federation.flower_support import load_truth, require_flower, save_truth
-from drivepriv.federation.inprocess import Client, ClientUpdate, FederationResult, Server, setup
+from drivepriv.federation.inprocess import Client, ClientUpdate, FederationResult, Server, sampled_clients, setup
 
 require_flower()
 
@@ -94,10 +94,11 @@ def _client(run_id: str, cid: int, rnd: int, context: Context, cfg: RunConfig, o
     rebuilt from its context.state (or new, in round 0)."""
     state = context.state
     done = int(state.config_records[_STATE_META]["round"]) if _STATE_META in state.config_records else -1
-    if done != rnd - 1:
+    if done >= rnd:
         raise RuntimeError(f"client {cid}: asked for round {rnd} but its state is after round {done}")
-    for key in [k for k, e in _CLIENTS.items() if k[0] == run_id and e.round < rnd - 1]:
-        _CLIENTS.pop(key).client.close()  # every client trains every round: these are stale for good
+    if cfg.federation.fraction >= 1.0:
+        for key in [k for k, e in _CLIENTS.items() if k[0] == run_id and e.round < rnd - 1]:
+            _CLIENTS.pop(key).client.close()  # every client trains every round: these are stale for good
     cached = _CLIENTS.pop((run_id, cid), None)
     if cached is not None and cached.round == done:
         _CLIENTS[(run_id, cid)] = cached  # most recently used
@@ -122,6 +123,8 @@ def _train(msg: Message, context: Context, run_id: str, run_cfg: RunConfig, trut
     cid = int(context.node_config["partition-id"])
     config = msg.content.config_records["config"]
     rnd = int(config["server-round"]) - 1
+    if cid not in list(config["sampled"]):  # not sampled this round: its state stays as it is
+        return Message(content=RecordDict({"metrics": MetricRecord({"client": cid, "skipped": 1})}), reply_to=msg)
     entry = _client(run_id, cid, rnd, context, cfg, obs_shape, algorithm)
     params = tensors(msg.content.array_records["arrays"])
     target = tensors(msg.content.array_records["target"])
@@ -173,7 +176,8 @@ class TruthMissing(ConfigError):
 
 class DrivePrivStrategy(Strategy):
     """drivepriv's server (:class:`~drivepriv.federation.inprocess.Server`) as a Flower strategy:
-    every node trains every round; the replies are aggregated in client order."""
+    the round's sampled clients train (every client unless ``federation.fraction`` < 1); the
+    replies are aggregated in client order."""
 
     def __init__(self, server: Server, truth_dir: str, bar=None) -> None:
         self.server = server
@@ -187,12 +191,15 @@ class DrivePrivStrategy(Strategy):
         nodes = _wait_for_nodes(grid, n)
         params, target = self.server.broadcast()
         self._sent[rnd] = (params, target)
-        record = [c for c in range(n) if self.server.records(rnd, c)]
+        sampled = sampled_clients(self.server.cfg, rnd)
+        record = [c for c in sampled if self.server.records(rnd, c)]
+        # Every node gets the round's message (the server cannot tell which node holds which
+        # partition); the clients not sampled reply at once without training.
         content = RecordDict(
             {
                 "arrays": ArrayRecord(torch_state_dict=params),
                 "target": ArrayRecord(torch_state_dict=target),
-                "config": ConfigRecord({"server-round": server_round, "record-truth": record or [-1]}),
+                "config": ConfigRecord({"server-round": server_round, "record-truth": record or [-1], "sampled": sampled}),
             }
         )
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in nodes]
@@ -207,6 +214,8 @@ class DrivePrivStrategy(Strategy):
                 raise RuntimeError(f"round {rnd}: a client failed: {msg.error.reason}")
             m = msg.content.metric_records["metrics"]
             cid = int(m["client"])
+            if int(m.get("skipped", 0)):
+                continue
             arrays = tensors(msg.content.array_records["arrays"])
             row = {"round": rnd, "client": cid, "env_steps": int(m["env_steps"]), "episodes": int(m["episodes"]),
                    "mean_return_last5": float(m["mean_return_last5"]), "crash_rate_last5": float(m["crash_rate_last5"])}
@@ -219,9 +228,9 @@ class DrivePrivStrategy(Strategy):
                         f"cluster set federation.flower_truth_dir to a folder every node shares"
                     )
             updates.append(ClientUpdate(cid, tuple(arrays[k] for k in names), row, list(m.get("dp-rates", [])), truth))
-        n = self.server.cfg.federation.clients
-        if len(updates) != n:
-            raise RuntimeError(f"round {rnd}: {len(updates)} of {n} clients replied")
+        want = sampled_clients(self.server.cfg, rnd)
+        if sorted(u.client for u in updates) != want:
+            raise RuntimeError(f"round {rnd}: clients {sorted(u.client for u in updates)} replied, of the {len(want)} sampled {want}")
         self.server.receive(rnd, params, target, updates, record=False)
         if self.bar is not None:
             self.bar.update(1)
@@ -303,7 +312,7 @@ def run_flower(cfg: RunConfig, attacked: set[tuple[int, int]], progress: bool = 
             _shutdown_ray()
         if failure:
             raise failure[0]
-        done = len(server.rows) // fed.clients
+        done = len({row["round"] for row in server.rows})
         if done != fed.rounds:
             raise RuntimeError(f"the Flower simulation stopped after {done} of {fed.rounds} rounds (see Flower's log above)")
     return server.result(views=curious.views)

@@ -24,6 +24,7 @@ from drivepriv.agents.dqn import Batch, ReplayBuffer
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_env
 from drivepriv.federation.defenses import DefenseStack, PrivacyAccountant
+from drivepriv.parallel import resolve_workers
 from drivepriv.seeding import derive_seed, numpy_rng, torch_generator
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,8 @@ class Client:
         algorithm = self.algorithm
         loss_spec = algorithm.loss_spec()
         dp = stack.dpsgd
-        steps = fed.env_steps_per_round + (fed.warmup_steps if rnd == 0 else 0)
+        # the warm-up comes with a client's first round (round 0 unless client sampling skipped it)
+        steps = fed.env_steps_per_round + (fed.warmup_steps if self.env_steps == 0 else 0)
         self.collect(model, steps)
         rng = numpy_rng(self.cfg.seed, "client", self.cid, "round", rnd, "minibatch")
         batches: list[dict[str, np.ndarray]] = []
@@ -384,7 +386,9 @@ def run_federation(cfg: RunConfig, attacked: set[tuple[int, int]], progress: boo
     the client, secure aggregation on what the server is shown (then one view per attacked
     round, client -1, holding the mean of all clients' updates over their N x B transitions).
 
-    ``federation.engine``: ``inprocess`` runs the clients in this process, one after another;
+    ``federation.engine``: ``inprocess`` runs the clients on this machine, spread over
+    ``workers`` forked processes (:mod:`drivepriv.federation.workers`; one: in this process, one
+    after another);
     ``flower`` runs the same clients and server on Flower's simulation engine
     (:mod:`drivepriv.federation.flower`)."""
     if cfg.federation.engine == "flower":
@@ -393,11 +397,26 @@ def run_federation(cfg: RunConfig, attacked: set[tuple[int, int]], progress: boo
         return run_flower(cfg, attacked, progress=progress)
     obs_shape, algorithm = setup(cfg)
     server = Server(cfg, algorithm, attacked)
-    clients = [Client(i, cfg, obs_shape, algorithm) for i in range(cfg.federation.clients)]
+    n = cfg.federation.clients
+    rounds = tqdm(range(cfg.federation.rounds), desc="train", unit="round", disable=not progress, leave=False)
+    workers = resolve_workers(cfg.workers, n)
+    if workers > 1:  # the clients spread over worker processes: the same numbers, sooner
+        from drivepriv.federation.workers import ClientWorkers
+
+        pool = ClientWorkers(cfg, obs_shape, algorithm, workers)
+        try:
+            for rnd in rounds:
+                params, target_params = server.broadcast()
+                updates = pool.train_round(rnd, params, target_params, {c: server.records(rnd, c) for c in sampled_clients(cfg, rnd)})
+                server.receive(rnd, params, target_params, updates)
+        finally:
+            pool.close()
+        return server.result()
+    clients = [Client(i, cfg, obs_shape, algorithm) for i in range(n)]
     try:
-        for rnd in tqdm(range(cfg.federation.rounds), desc="train", unit="round", disable=not progress, leave=False):
+        for rnd in rounds:
             params, target_params = server.broadcast()
-            updates = [c.train_round(rnd, server.model, params, target_params, server.stack, server.records(rnd, c.cid)) for c in clients]
+            updates = [clients[c].train_round(rnd, server.model, params, target_params, server.stack, server.records(rnd, c)) for c in sampled_clients(cfg, rnd)]
             server.receive(rnd, params, target_params, updates)
     finally:
         for c in clients:
@@ -440,12 +459,25 @@ def evaluate_policy(cfg: RunConfig, model: torch.nn.Module, algorithm: LocalAlgo
     }
 
 
+def sampled_clients(cfg: RunConfig, rnd: int) -> list[int]:
+    """The clients that train in round ``rnd`` (all of them unless ``federation.fraction`` < 1),
+    in client order: a function of the root seed and the round alone, so both engines and the
+    attack plan agree on it before anything runs."""
+    fed = cfg.federation
+    if fed.fraction >= 1.0:
+        return list(range(fed.clients))
+    k = min(fed.clients, max(fed.min_clients, int(fed.fraction * fed.clients)))
+    rng = numpy_rng(cfg.seed, "client-sample", rnd)
+    return sorted(int(c) for c in rng.choice(fed.clients, size=k, replace=False))
+
+
 def resolve_attacked(cfg: RunConfig) -> set[tuple[int, int]]:
-    """The (round, client) pairs the configuration asks to attack."""
+    """The (round, client) pairs the configuration asks to attack, among the clients sampled in
+    each round (the server sees no update from the others)."""
     r = cfg.federation.rounds
     rounds = cfg.attack.round_indices(r)
-    clients = cfg.attack.clients or list(range(cfg.federation.clients))
-    return {(rnd, c) for rnd in rounds for c in clients}
+    clients = set(cfg.attack.clients or range(cfg.federation.clients))
+    return {(rnd, c) for rnd in rounds for c in sampled_clients(cfg, rnd) if c in clients}
 
 
-__all__ = ["Client", "ClientUpdate", "FederationResult", "GroundTruth", "Server", "ServerView", "evaluate_policy", "local_payload", "merge_truths", "resolve_attacked", "run_federation", "setup"]
+__all__ = ["Client", "ClientUpdate", "FederationResult", "GroundTruth", "Server", "ServerView", "evaluate_policy", "local_payload", "merge_truths", "resolve_attacked", "run_federation", "sampled_clients", "setup"]

@@ -21,6 +21,7 @@ from drivepriv.config import RunConfig
 from drivepriv.envs import make_codec, make_env
 from drivepriv.errors import ConfigError
 from drivepriv.metrics.leakage import feature_leakage, leakage_by_round, verdict
+from drivepriv.parallel import fan_out
 from drivepriv.results import BatchRecord, load_batches
 from drivepriv.seeding import derive_seed
 
@@ -217,10 +218,9 @@ def build_report(run_dir: Path, progress: bool = False) -> BuiltReport:
     if by_round["round"].nunique() >= 2:
         rounds_figure = plot_by_round(by_round, run_dir / "figures" / "by_round.png").relative_to(run_dir).as_posix()
 
-    batches = [
-        _batch_media(cfg, run_dir, rec, codec, road, names, with_video=k < cfg.report.videos)
-        for k, rec in enumerate(tqdm(records, desc="report", unit="batch", disable=not progress, leave=False))
-    ]
+    bar = tqdm(total=len(records), desc="report", unit="batch", disable=not progress, leave=False)
+    batches = fan_out(lambda k: _batch_media(cfg, run_dir, records[k], codec, road, names, with_video=k < cfg.report.videos), range(len(records)), cfg.workers, done=lambda: bar.update(1))
+    bar.close()
     columns = [c for c in metrics.columns if c not in ID_COLUMNS]
     with_time = metrics.merge(timings, on=["attack", "client", "round", "seed"], how="left")
     summary = summarise(with_time, group="attack", metrics=[*columns, "time_s"])

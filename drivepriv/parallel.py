@@ -1,0 +1,102 @@
+"""Independent jobs (the attacks on the recorded updates, the report's per-batch media) fanned
+out over the machine's cores.
+
+The workers are forked from the calling process, so a job's inputs (networks, priors, the
+attacker's rollouts) reach them without being pickled; only each job's result travels back.
+Every job seeds its own random streams (:func:`drivepriv.seeding.derive_seed`), so the results
+do not depend on which worker ran which job, nor in what order: the same numbers as one after
+another, byte for byte (tests/test_parallel.py).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+from drivepriv.errors import DriveprivError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: The fan-out in progress: the job function and its items, inherited by the forked workers.
+_JOBS: tuple[Callable, Sequence] | None = None
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity; os.cpu_count() where unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(workers: int, jobs: int) -> int:
+    """How many processes run ``jobs`` jobs: ``workers`` (0: one per available core), at most
+    one per job, at least one; one where the platform cannot fork."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    n = available_cores() if workers <= 0 else workers
+    return max(1, min(n, jobs))
+
+
+def _init_worker() -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the workers and reports it once
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # as the parent's run (pipeline.start_run): one intra-op thread, reproducible CPU kernels
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False
+
+
+def _call(i: int):
+    fn, items = _JOBS
+    return fn(items[i])
+
+
+def fan_out(fn: Callable[[T], R], items: Sequence[T], workers: int = 0, done: Callable[[], None] | None = None) -> list[R]:
+    """``[fn(item) for item in items]``, run by ``resolve_workers(workers, len(items))``
+    processes; ``done()`` is called in this process as each job finishes. One worker (or a
+    platform that cannot fork) runs the jobs here, one after another."""
+    global _JOBS
+    n = resolve_workers(workers, len(items))
+    if n == 1:
+        out = []
+        for item in items:
+            out.append(fn(item))
+            if done:
+                done()
+        return out
+    if _JOBS is not None:
+        raise RuntimeError("fan_out is not reentrant: a fan-out is already running in this process")
+    _JOBS = (fn, items)
+    try:
+        pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker)
+        try:
+            futures = {pool.submit(_call, i): i for i in range(len(items))}
+            results: list = [None] * len(items)
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for f in finished:
+                    results[futures[f]] = f.result()  # a job's own exception is raised here, as in the serial loop
+                    if done:
+                        done()
+        except BaseException:  # a job failed, or Ctrl-C: stop the others now, start no more
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        return results
+    except BrokenProcessPool as e:
+        raise DriveprivError(
+            f"a worker process died while running {len(items)} jobs on {n} processes (killed, or out of memory): {e}. "
+            "Run with --workers 1 to run them one after another in this process, with less memory."
+        ) from None
+    finally:
+        _JOBS = None
