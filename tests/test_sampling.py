@@ -64,3 +64,19 @@ def test_attacking_only_unsampled_clients_fails_before_training():
     cfg = apply_overrides(cfg, [(["attack", "clients"], unsampled[:1])])
     with pytest.raises(ConfigError, match="none of the attacked clients"):
         check_supported(cfg)
+
+
+def test_a_clients_error_in_a_worker_process_reaches_the_engine(monkeypatch):
+    from drivepriv.federation import inprocess
+
+    original = inprocess.Client.train_round
+
+    def failing(self, rnd, *args, **kwargs):
+        if self.cid == 1 and rnd == 1:
+            raise ValueError("client 1 could not train")
+        return original(self, rnd, *args, **kwargs)
+
+    monkeypatch.setattr(inprocess.Client, "train_round", failing)  # inherited by the forked workers
+    cfg = _cfg(**{"workers": 2})
+    with pytest.raises(ValueError, match="client 1 could not train"):
+        run_federation(cfg, resolve_attacked(cfg), progress=False)

@@ -71,7 +71,9 @@ class ClientWorkers:
         self.conns, self.procs = [], []
         for k, cids in enumerate(self.groups):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(child, cfg, obs_shape, algorithm, cids), name=f"drivepriv-clients-{k}", daemon=True)
+            # not a daemon: a client's simulator may start processes of its own (MetaDrive's
+            # worker). A worker whose engine is gone reads end-of-file and exits.
+            proc = ctx.Process(target=_serve, args=(child, cfg, obs_shape, algorithm, cids), name=f"drivepriv-clients-{k}")
             proc.start()
             child.close()
             self.conns.append(parent)
@@ -79,12 +81,15 @@ class ClientWorkers:
 
     def train_round(self, rnd: int, params, target_params, record: dict[int, bool]) -> list:
         for conn in self.conns:
-            conn.send(("round", rnd, params, target_params, record))
+            try:
+                conn.send(("round", rnd, params, target_params, record))
+            except (BrokenPipeError, OSError):
+                pass  # the worker is gone: its error (or its death) is read below
         updates = []
         for conn, proc, cids in zip(self.conns, self.procs, self.groups):
             try:
                 status, *rest = conn.recv()
-            except EOFError:
+            except (EOFError, OSError):
                 proc.join(5)
                 raise DriveprivError(
                     f"the worker process of clients {cids} died in round {rnd} (exit code {proc.exitcode}; killed, or out of memory). "
