@@ -80,3 +80,23 @@ def test_a_clients_error_in_a_worker_process_reaches_the_engine(monkeypatch):
     cfg = _cfg(**{"workers": 2})
     with pytest.raises(ValueError, match="client 1 could not train"):
         run_federation(cfg, resolve_attacked(cfg), progress=False)
+
+
+def test_a_killed_client_worker_is_a_clear_error(monkeypatch):
+    import os
+    import signal
+
+    from drivepriv.errors import DriveprivError
+    from drivepriv.federation import inprocess
+
+    original = inprocess.Client.train_round
+
+    def dying(self, rnd, *args, **kwargs):
+        if self.cid == 1 and rnd == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+        return original(self, rnd, *args, **kwargs)
+
+    monkeypatch.setattr(inprocess.Client, "train_round", dying)
+    cfg = _cfg(**{"workers": 2})
+    with pytest.raises(DriveprivError, match=r"clients \[1, 3\] died in round 1.*--workers 1"):
+        run_federation(cfg, resolve_attacked(cfg), progress=False)
