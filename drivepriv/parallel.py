@@ -45,10 +45,11 @@ def resolve_workers(workers: int, jobs: int) -> int:
     return max(1, min(n, jobs))
 
 
-def _init_worker() -> None:
-    # Ctrl-C reaches the whole process group: the parent stops the workers and reports it once
+def init_worker() -> None:
+    """Set up a forked worker process: Ctrl-C reaches the whole process group, and the parent
+    stops the workers and reports it once; one intra-op thread and reproducible CPU kernels, as
+    the parent's run (pipeline.start_run)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # as the parent's run (pipeline.start_run): one intra-op thread, reproducible CPU kernels
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False
 
@@ -75,7 +76,7 @@ def fan_out(fn: Callable[[T], R], items: Sequence[T], workers: int = 0, done: Ca
         raise RuntimeError("fan_out is not reentrant: a fan-out is already running in this process")
     _JOBS = (fn, items)
     try:
-        pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker)
+        pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=init_worker)
         try:
             futures = {pool.submit(_call, i): i for i in range(len(items))}
             results: list = [None] * len(items)

@@ -28,9 +28,9 @@ from drivepriv.errors import ConfigError
 from drivepriv.federation.defenses import DefenseStack
 from drivepriv.federation.inprocess import GroundTruth, ServerView, evaluate_policy, resolve_attacked, run_federation
 from drivepriv.metrics.identifiability import separable_transitions
-from drivepriv.parallel import fan_out
 from drivepriv.metrics.scores import Truth, score
 from drivepriv.metrics.vector import score_vector, vector_metric_columns
+from drivepriv.parallel import fan_out
 from drivepriv.report.build import build_report
 from drivepriv.results import BatchRecord, save_batches
 from drivepriv.priors.dynamics import collect_rollouts, fit_dynamics, fit_reward

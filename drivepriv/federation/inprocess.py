@@ -251,6 +251,30 @@ class Client:
         self.env.close()
 
 
+class ClientGroup:
+    """Some of the federation's clients in this process, with their own copy of the global
+    network: the in-process engine's clients, or one worker process's share of them
+    (:mod:`drivepriv.federation.workers`)."""
+
+    def __init__(self, cfg: RunConfig, obs_shape: tuple[int, ...], algorithm: LocalAlgorithm, cids: list[int]) -> None:
+        self.clients = {i: Client(i, cfg, obs_shape, algorithm) for i in cids}
+        with torch.random.fork_rng():  # the global generator stays as the server left it
+            self.model = algorithm.build_model()
+        self.stack = DefenseStack.from_specs(cfg.federation.defenses)
+
+    def train_round(self, rnd: int, params, target_params, record: dict[int, bool]) -> list[ClientUpdate]:
+        """One round of the clients in ``record`` (the round's sample, each with whether its
+        truth is recorded) that are in this group, in client order."""
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(params[name])
+        return [c.train_round(rnd, self.model, params, target_params, self.stack, record[i]) for i, c in self.clients.items() if i in record]
+
+    def close(self) -> None:
+        for c in self.clients.values():
+            c.close()
+
+
 def local_payload(strategy: str, params: dict[str, torch.Tensor], local_steps: int, lr: float, local_gradient) -> tuple[torch.Tensor, ...]:
     """What a client shares: FedSGD, the gradient at the global ``params``; FedAvg, the parameter
     delta (new minus old) after ``local_steps`` plain SGD steps at ``lr``.
@@ -398,29 +422,20 @@ def run_federation(cfg: RunConfig, attacked: set[tuple[int, int]], progress: boo
     obs_shape, algorithm = setup(cfg)
     server = Server(cfg, algorithm, attacked)
     n = cfg.federation.clients
-    rounds = tqdm(range(cfg.federation.rounds), desc="train", unit="round", disable=not progress, leave=False)
     workers = resolve_workers(cfg.workers, n)
     if workers > 1:  # the clients spread over worker processes: the same numbers, sooner
         from drivepriv.federation.workers import ClientWorkers
 
-        pool = ClientWorkers(cfg, obs_shape, algorithm, workers)
-        try:
-            for rnd in rounds:
-                params, target_params = server.broadcast()
-                updates = pool.train_round(rnd, params, target_params, {c: server.records(rnd, c) for c in sampled_clients(cfg, rnd)})
-                server.receive(rnd, params, target_params, updates)
-        finally:
-            pool.close()
-        return server.result()
-    clients = [Client(i, cfg, obs_shape, algorithm) for i in range(n)]
+        clients: ClientGroup | ClientWorkers = ClientWorkers(cfg, obs_shape, algorithm, workers)
+    else:
+        clients = ClientGroup(cfg, obs_shape, algorithm, list(range(n)))
     try:
-        for rnd in rounds:
+        for rnd in tqdm(range(cfg.federation.rounds), desc="train", unit="round", disable=not progress, leave=False):
             params, target_params = server.broadcast()
-            updates = [clients[c].train_round(rnd, server.model, params, target_params, server.stack, server.records(rnd, c)) for c in sampled_clients(cfg, rnd)]
+            updates = clients.train_round(rnd, params, target_params, {c: server.records(rnd, c) for c in sampled_clients(cfg, rnd)})
             server.receive(rnd, params, target_params, updates)
     finally:
-        for c in clients:
-            c.close()
+        clients.close()
     return server.result()
 
 
@@ -480,4 +495,4 @@ def resolve_attacked(cfg: RunConfig) -> set[tuple[int, int]]:
     return {(rnd, c) for rnd in rounds for c in sampled_clients(cfg, rnd) if c in clients}
 
 
-__all__ = ["Client", "ClientUpdate", "FederationResult", "GroundTruth", "Server", "ServerView", "evaluate_policy", "local_payload", "merge_truths", "resolve_attacked", "run_federation", "sampled_clients", "setup"]
+__all__ = ["Client", "ClientGroup", "ClientUpdate", "FederationResult", "GroundTruth", "Server", "ServerView", "evaluate_policy", "local_payload", "merge_truths", "resolve_attacked", "run_federation", "sampled_clients", "setup"]

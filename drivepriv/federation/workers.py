@@ -16,36 +16,26 @@ in its own process.
 from __future__ import annotations
 
 import multiprocessing
-import signal
 import traceback
-
-import torch
 
 from drivepriv.config import RunConfig
 from drivepriv.errors import DriveprivError
+from drivepriv.parallel import init_worker
 
 
 def _serve(conn, cfg: RunConfig, obs_shape: tuple[int, ...], algorithm, cids: list[int]) -> None:
-    from drivepriv.federation.defenses import DefenseStack
-    from drivepriv.federation.inprocess import Client
+    from drivepriv.federation.inprocess import ClientGroup
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the engine stops the workers
-    torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
-    clients = []
+    init_worker()
+    group = None
     try:
-        clients = [Client(i, cfg, obs_shape, algorithm) for i in cids]
-        model = algorithm.build_model()
-        stack = DefenseStack.from_specs(cfg.federation.defenses)
+        group = ClientGroup(cfg, obs_shape, algorithm, cids)
         while True:
             msg = conn.recv()
             if msg[0] == "close":
                 break
             _, rnd, params, target_params, record = msg
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    p.copy_(params[name])
-            conn.send(("ok", [c.train_round(rnd, model, params, target_params, stack, record[c.cid]) for c in clients if c.cid in record]))
+            conn.send(("ok", group.train_round(rnd, params, target_params, record)))
     except EOFError:  # the engine went away
         pass
     except BaseException as e:  # noqa: BLE001 - the engine re-raises it
@@ -54,15 +44,15 @@ def _serve(conn, cfg: RunConfig, obs_shape: tuple[int, ...], algorithm, cids: li
         except Exception:  # noqa: BLE001 - e.g. an exception that does not pickle
             conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}"), traceback.format_exc()))
     finally:
-        for c in clients:
-            c.close()
+        if group is not None:
+            group.close()
         conn.close()
 
 
 class ClientWorkers:
-    """``workers`` processes, client ``i`` in worker ``i % workers``; ``train_round`` runs one
-    round of the clients in ``record`` (the round's sample, each with whether its truth is
-    recorded) and returns their updates in client order."""
+    """``workers`` processes, client ``i`` in worker ``i % workers``, each holding a
+    :class:`~drivepriv.federation.inprocess.ClientGroup`; ``train_round`` and ``close`` as
+    the group's, across the workers."""
 
     def __init__(self, cfg: RunConfig, obs_shape: tuple[int, ...], algorithm, workers: int) -> None:
         ctx = multiprocessing.get_context("fork")
