@@ -172,13 +172,17 @@ class FederationConfig:
     #: server); empty: a temporary folder on this machine. On a multi-node cluster: a folder
     #: every node shares.
     flower_truth_dir: str = ""
+    #: Flower engine: how often Ray restarts a client's worker that was lost (killed, out of
+    #: memory) and reruns the round it was training, from the client's state before that round
+    #: (the same numbers); 0: the run stops with an error instead.
+    flower_retries: int = 2
 
     def validate(self, where: str) -> None:
         for key in ("clients", "rounds", "local_steps", "batch_size", "target_update_rounds"):
             v = getattr(self, key)
             if v < 1:
                 raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {v}")
-        for key in ("warmup_steps", "env_steps_per_round", "eval_episodes"):
+        for key in ("warmup_steps", "env_steps_per_round", "eval_episodes", "flower_retries"):
             v = getattr(self, key)
             if v < 0:
                 raise ConfigError(f"{where}.{key}: expected an integer >= 0, got {v}")

@@ -6,10 +6,16 @@ attacker's rollouts) reach them without being pickled; only each job's result tr
 Every job seeds its own random streams (:func:`drivepriv.seeding.derive_seed`), so the results
 do not depend on which worker ran which job, nor in what order: the same numbers as one after
 another, byte for byte (tests/test_parallel.py).
+
+On a Ray cluster (``--engine flower`` with ``federation.ray_address``) :func:`ray_fan_out` runs
+the same jobs as Ray tasks across the cluster's nodes instead: the job function and its inputs
+are pickled once into Ray's object store, each task seeds itself as above, and a task whose
+worker is lost is rerun by Ray (tests/test_ray_cluster.py).
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -101,3 +107,53 @@ def fan_out(fn: Callable[[T], R], items: Sequence[T], workers: int = 0, done: Ca
         ) from None
     finally:
         _JOBS = None
+
+
+def _ray_job(fn: Callable, item) -> tuple[object, str]:
+    """One job as a Ray task (set up as a forked worker is), and the node it ran on."""
+    import ray
+
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False
+    return fn(item), ray.get_runtime_context().get_node_id()
+
+
+def ray_fan_out(fn: Callable[[T], R], items: Sequence[T], address: str, done: Callable[[], None] | None = None, retries: int = 2) -> tuple[list[R], set[str]]:
+    """``[fn(item) for item in items]`` as Ray tasks (one CPU each) on the cluster at
+    ``address``; also the Ray nodes that ran them. ``fn`` and what it refers to are pickled
+    once (cloudpickle), so every node must have drivepriv installed. A task whose worker is lost
+    is rerun up to ``retries`` times, then its error is raised; Ctrl-C cancels the tasks."""
+    import ray
+
+    ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    try:
+        task = ray.remote(num_cpus=1, max_retries=retries)(_ray_job)
+        fn_ref = ray.put(fn)
+        refs = [task.remote(fn_ref, item) for item in items]
+        index = {ref: i for i, ref in enumerate(refs)}
+        results: list = [None] * len(items)
+        nodes: set[str] = set()
+        pending = list(refs)
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                for ref in ready:
+                    try:
+                        results[index[ref]], node = ray.get(ref)
+                    except ray.exceptions.RayTaskError as e:  # the job's own exception, as in the serial loop
+                        raise e.as_instanceof_cause() from None
+                    except ray.exceptions.RayError as e:
+                        raise DriveprivError(
+                            f"a Ray task died {retries + 1} times while running {len(items)} jobs on the cluster at {address} "
+                            f"(killed, out of memory, or its node left): {e}. Run without federation.ray_address to run them on this machine."
+                        ) from None
+                    nodes.add(node)
+                    if done:
+                        done()
+        except BaseException:  # a job failed, or Ctrl-C: cancel the rest
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+        return results, nodes
+    finally:
+        ray.shutdown()

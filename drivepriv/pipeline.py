@@ -30,7 +30,7 @@ from drivepriv.federation.inprocess import GroundTruth, ServerView, evaluate_pol
 from drivepriv.metrics.identifiability import separable_transitions
 from drivepriv.metrics.scores import Truth, score
 from drivepriv.metrics.vector import score_vector, vector_metric_columns
-from drivepriv.parallel import fan_out
+from drivepriv.parallel import fan_out, ray_fan_out
 from drivepriv.report.build import build_report
 from drivepriv.results import BatchRecord, save_batches
 from drivepriv.priors.dynamics import collect_rollouts, fit_dynamics, fit_reward
@@ -296,6 +296,9 @@ def train_federation(cfg: RunConfig, work: Path, progress: bool, attacked: set[t
     configuration's), write training.csv and privacy_utility.json."""
     fed = run_federation(cfg, resolve_attacked(cfg) if attacked is None else attacked, progress=progress)
     fed.training.to_csv(work / "training.csv", index=False)
+    if fed.cluster:  # where it ran (not part of the results)
+        info = json.loads((work / "run.json").read_text())
+        (work / "run.json").write_text(json.dumps({**info, "cluster": fed.cluster}, indent=2))
     utility = evaluate_policy(cfg, fed.model, fed.algorithm, cfg.federation.eval_episodes)
     (work / "privacy_utility.json").write_text(json.dumps({"privacy": fed.privacy, "utility": utility}, indent=2))
     return fed, utility
@@ -368,7 +371,13 @@ def attack_and_report(
     # every attack seeds itself from (seed, attack, round, client): the same numbers whichever
     # worker runs it (drivepriv.parallel)
     t0 = time.perf_counter()
-    results = dict(zip(jobs, fan_out(run_job, jobs, cfg.workers, done=lambda: bar.update(1))))
+    fed = cfg.federation
+    if fed.engine == "flower" and fed.ray_address:  # on the cluster the federation trained on
+        out, nodes = ray_fan_out(run_job, jobs, fed.ray_address, done=lambda: bar.update(1), retries=fed.flower_retries)
+        cluster = {"attack_nodes": len(nodes)}
+    else:
+        out, cluster = fan_out(run_job, jobs, cfg.workers, done=lambda: bar.update(1)), {}
+    results = dict(zip(jobs, out))
     stages["attacks"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     for k, (view, inp) in enumerate(zip(views, inputs)):
@@ -414,6 +423,8 @@ def attack_and_report(
     stages["report"] = time.perf_counter() - t0
     info = json.loads((work / "run.json").read_text())
     info["stage_seconds"] = {k: round(v, 2) for k, v in stages.items()}  # wall time, not part of the results
+    if cluster:
+        info["cluster"] = {**info.get("cluster", {}), **cluster}
     (work / "run.json").write_text(json.dumps(info, indent=2))
     shutil.move(str(work), str(final_dir))
     return RunResult(final_dir, metrics, built.summary, built.verdict)

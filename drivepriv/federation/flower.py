@@ -9,10 +9,16 @@ that audits any Flower deployment. Messages (message API, Flower 1.42):
 
 - server -> client: ``arrays`` (global parameters), ``target`` (the parameters the client
   bootstraps from), ``config`` (``server-round``, ``record-truth``: the clients whose minibatch
-  the metrics will need);
+  the metrics will need); sent to the round's sampled clients only (with
+  ``federation.fraction`` < 1 a query first asks each node which client it holds);
 - client -> server: ``arrays`` (its payload: the gradient under FedSGD, the parameter delta
-  under FedAvg, after its defenses) and ``metrics`` (``client``, ``num-examples``, its
-  training.csv row, DP-SGD sample rates).
+  under FedAvg, after its defenses), ``metrics`` (``client``, ``num-examples``, its
+  training.csv row, DP-SGD sample rates) and ``where`` (the Ray node it ran on).
+
+A Ray worker lost mid-round is restarted by Ray and the round sent again
+(``federation.flower_retries``, :class:`_RetryingGrid`); the attacks after training run as Ray
+tasks on the same cluster when ``federation.ray_address`` is set
+(:func:`drivepriv.parallel.ray_fan_out`).
 
 A client's ground truth never travels to the server: the client writes it to the engine's
 truth folder (:func:`~drivepriv.federation.flower_support.save_truth`; on a multi-node cluster
@@ -45,7 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from drivepriv.config import RunConfig
-from drivepriv.errors import ConfigError
+from drivepriv.errors import ConfigError, DriveprivError
 from drivepriv.federation.defenses import DefenseStack
 from drivepriv.federation.flower_support import load_truth, require_flower, save_truth
 from drivepriv.federation.inprocess import Client, ClientUpdate, FederationResult, Server, sampled_clients, setup
@@ -123,8 +129,6 @@ def _train(msg: Message, context: Context, run_id: str, run_cfg: RunConfig, trut
     cid = int(context.node_config["partition-id"])
     config = msg.content.config_records["config"]
     rnd = int(config["server-round"]) - 1
-    if cid not in list(config["sampled"]):  # not sampled this round: its state stays as it is
-        return Message(content=RecordDict({"metrics": MetricRecord({"client": cid, "skipped": 1})}), reply_to=msg)
     entry = _client(run_id, cid, rnd, context, cfg, obs_shape, algorithm)
     params = tensors(msg.content.array_records["arrays"])
     target = tensors(msg.content.array_records["target"])
@@ -145,8 +149,21 @@ def _train(msg: Message, context: Context, run_id: str, run_cfg: RunConfig, trut
     if update.dp_rates:
         metrics["dp-rates"] = [float(q) for q in update.dp_rates]
     names = list(params)
-    content = RecordDict({"arrays": ArrayRecord(torch_state_dict=dict(zip(names, update.payload))), "metrics": MetricRecord(metrics)})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(torch_state_dict=dict(zip(names, update.payload))),
+            "metrics": MetricRecord(metrics),
+            "where": ConfigRecord({"ray-node": _ray_node()}),
+        }
+    )
     return Message(content=content, reply_to=msg)
+
+
+def _ray_node() -> str:
+    """The Ray node this ClientApp runs on (run.json's ``cluster``: the nodes that trained)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def _array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -166,12 +183,25 @@ def client_app(run_id: str, cfg: RunConfig, truth_dir: str) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         return _train(msg, context, run_id, cfg, truth_dir)
 
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:  # which client this node holds
+        return Message(content=RecordDict({"metrics": MetricRecord({"client": int(context.node_config["partition-id"])})}), reply_to=msg)
+
     return app
 
 
 # ---------------------------------------------------------------------------- server side
 class TruthMissing(ConfigError):
     """A client wrote its minibatch where the driver cannot read it (another node's disk)."""
+
+
+class ClientFailed(DriveprivError):
+    """A client's round failed on Flower: its ClientApp raised, or its Ray worker was lost more
+    often than ``federation.flower_retries`` allows."""
+
+
+#: How Ray words a worker that died under an actor (killed, out of memory, its node gone).
+_LOST_WORKER = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "OutOfMemoryError", "NodeDiedError")
 
 
 class DrivePrivStrategy(Strategy):
@@ -184,6 +214,10 @@ class DrivePrivStrategy(Strategy):
         self.truth_dir = truth_dir
         self.bar = bar
         self._sent: dict[int, tuple[dict, dict]] = {}
+        #: The Ray nodes whose workers trained a client (run.json's ``cluster``).
+        self.nodes: set[str] = set()
+        #: client id -> Flower node id, asked once when clients are sampled.
+        self._node_of: dict[int, int] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         rnd = server_round - 1
@@ -193,13 +227,15 @@ class DrivePrivStrategy(Strategy):
         self._sent[rnd] = (params, target)
         sampled = sampled_clients(self.server.cfg, rnd)
         record = [c for c in sampled if self.server.records(rnd, c)]
-        # Every node gets the round's message (the server cannot tell which node holds which
-        # partition); the clients not sampled reply at once without training.
+        if len(sampled) < n:  # only the sampled clients' nodes get the round's message
+            if not self._node_of:
+                self._node_of = _clients_of(grid, nodes)
+            nodes = [self._node_of[c] for c in sampled]
         content = RecordDict(
             {
                 "arrays": ArrayRecord(torch_state_dict=params),
                 "target": ArrayRecord(torch_state_dict=target),
-                "config": ConfigRecord({"server-round": server_round, "record-truth": record or [-1], "sampled": sampled}),
+                "config": ConfigRecord({"server-round": server_round, "record-truth": record or [-1]}),
             }
         )
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node) for node in nodes]
@@ -211,11 +247,11 @@ class DrivePrivStrategy(Strategy):
         updates = []
         for msg in replies:
             if msg.has_error():
-                raise RuntimeError(f"round {rnd}: a client failed: {msg.error.reason}")
+                raise _client_failed(rnd, msg, self.server.cfg.federation.flower_retries)
             m = msg.content.metric_records["metrics"]
             cid = int(m["client"])
-            if int(m.get("skipped", 0)):
-                continue
+            if "where" in msg.content.config_records:
+                self.nodes.add(str(msg.content.config_records["where"]["ray-node"]))
             arrays = tensors(msg.content.array_records["arrays"])
             row = {"round": rnd, "client": cid, "env_steps": int(m["env_steps"]), "episodes": int(m["episodes"]),
                    "mean_return_last5": float(m["mean_return_last5"]), "crash_rate_last5": float(m["crash_rate_last5"])}
@@ -230,7 +266,7 @@ class DrivePrivStrategy(Strategy):
             updates.append(ClientUpdate(cid, tuple(arrays[k] for k in names), row, list(m.get("dp-rates", [])), truth))
         want = sampled_clients(self.server.cfg, rnd)
         if sorted(u.client for u in updates) != want:
-            raise RuntimeError(f"round {rnd}: clients {sorted(u.client for u in updates)} replied, of the {len(want)} sampled {want}")
+            raise ClientFailed(f"round {rnd}: clients {sorted(u.client for u in updates)} replied, of the {len(want)} sampled {want}")
         self.server.receive(rnd, params, target, updates, record=False)
         if self.bar is not None:
             self.bar.update(1)
@@ -247,6 +283,61 @@ class DrivePrivStrategy(Strategy):
         log.info("drivepriv server: %d clients, %s", self.server.cfg.federation.clients, self.server.cfg.federation.strategy)
 
 
+def _lost_worker(reply: Message) -> bool:
+    return reply.has_error() and any(k in reply.error.reason for k in _LOST_WORKER)
+
+
+class _RetryingGrid:
+    """A Grid that sends a message again, up to ``retries`` times, when the reply says the Ray
+    worker running it was lost. Flower keeps a node's context only from a reply, so the rerun
+    starts from the client's state before the round: the same numbers as without the loss."""
+
+    def __init__(self, grid: Grid, retries: int) -> None:
+        self._grid = grid
+        self.retries = retries
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        sent = {m.metadata.dst_node_id: m for m in messages}
+        replies = list(self._grid.send_and_receive(list(sent.values()), timeout=timeout))
+        for attempt in range(1, self.retries + 1):
+            lost = [r.metadata.src_node_id for r in replies if _lost_worker(r)]
+            if not lost:
+                break
+            log.warning("%d client(s) lost their Ray worker mid-round (restarted by Ray); sending them the round again (retry %d of %d)", len(lost), attempt, self.retries)
+            again = [Message(content=sent[n].content, message_type=sent[n].metadata.message_type, dst_node_id=n) for n in lost]
+            replies = [r for r in replies if not _lost_worker(r)] + list(self._grid.send_and_receive(again, timeout=timeout))
+        return replies
+
+
+def _client_failed(rnd: int, msg: Message, retries: int) -> ClientFailed:
+    reason = msg.error.reason
+    node = msg.metadata.src_node_id
+    if any(k in reason for k in _LOST_WORKER):
+        return ClientFailed(
+            f"round {rnd}: the Ray worker training Flower node {node}'s client was lost (killed, out of memory, or its "
+            f"node left the cluster) and federation.flower_retries={retries} restarts did not bring it back: {reason}. "
+            "The run stopped before its report; raise federation.flower_retries, give the workers more memory, "
+            "or run with --engine inprocess"
+        )
+    return ClientFailed(f"round {rnd}: Flower node {node}'s client failed: {reason}")
+
+
+def _clients_of(grid: Grid, nodes: list[int]) -> dict[int, int]:
+    """Ask every node which client (partition) it holds: client id -> node id."""
+    ask = [Message(content=RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY, dst_node_id=node) for node in nodes]
+    out = {}
+    for reply in grid.send_and_receive(ask):
+        if reply.has_error():
+            raise ClientFailed(f"Flower node {reply.metadata.src_node_id} did not say which client it holds: {reply.error.reason}")
+        out[int(reply.content.metric_records["metrics"]["client"])] = reply.metadata.src_node_id
+    if sorted(out) != list(range(len(nodes))):
+        raise ClientFailed(f"the Flower nodes hold clients {sorted(out)}, expected 0..{len(nodes) - 1}")
+    return out
+
+
 def _wait_for_nodes(grid: Grid, n: int, timeout_s: float = 120.0) -> list[int]:
     start = time.monotonic()
     while True:
@@ -254,7 +345,7 @@ def _wait_for_nodes(grid: Grid, n: int, timeout_s: float = 120.0) -> list[int]:
         if len(nodes) >= n:
             return nodes
         if time.monotonic() - start > timeout_s:
-            raise RuntimeError(f"only {len(nodes)} of {n} Flower nodes connected after {timeout_s:.0f} s")
+            raise DriveprivError(f"only {len(nodes)} of {n} Flower nodes connected after {timeout_s:.0f} s")
         time.sleep(0.2)
 
 
@@ -272,14 +363,19 @@ def run_flower(cfg: RunConfig, attacked: set[tuple[int, int]], progress: bool = 
         init_args["address"] = fed.ray_address
     else:
         init_args["num_cpus"] = os.cpu_count() or 1
-    backend = {"client_resources": {"num_cpus": fed.flower_client_cpus, "num_gpus": 0.0}, "init_args": init_args}
+    # Ray restarts a lost worker (Flower passes these on as the actor's options) and _RetryingGrid
+    # sends the lost round's message again (max_task_retries would rerun it too, but also reruns
+    # the actors' own exit at the end, with a warning each).
+    resources = {"num_cpus": fed.flower_client_cpus, "num_gpus": 0.0, "max_restarts": fed.flower_retries}
+    backend = {"client_resources": resources, "init_args": init_args}
     if fed.flower_truth_dir:
         Path(fed.flower_truth_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="drivepriv-truth-", dir=fed.flower_truth_dir or None) as truth_dir:
         bar = tqdm(total=fed.rounds, desc="train (flower)", unit="round", disable=not progress, leave=False)
         # the server's view is recorded by the same wrapper that audits any Flower deployment
+        strategy = DrivePrivStrategy(server, truth_dir, bar)
         curious = CuriousStrategy(
-            DrivePrivStrategy(server, truth_dir, bar),
+            strategy,
             loss=server.loss_spec,
             payload="gradient" if fed.strategy == "fedsgd" else "delta",
             lr=fed.lr,
@@ -296,7 +392,7 @@ def run_flower(cfg: RunConfig, attacked: set[tuple[int, int]], progress: bool = 
         def main(grid: Grid, context: Context) -> None:
             try:
                 params, _ = server.broadcast()
-                curious.start(grid, ArrayRecord(torch_state_dict=params), num_rounds=fed.rounds)
+                curious.start(_RetryingGrid(grid, fed.flower_retries), ArrayRecord(torch_state_dict=params), num_rounds=fed.rounds)
             except BaseException as e:  # noqa: BLE001 - handed back to the caller below
                 failure.append(e)
                 raise
@@ -314,18 +410,32 @@ def run_flower(cfg: RunConfig, attacked: set[tuple[int, int]], progress: bool = 
             raise failure[0]
         done = len({row["round"] for row in server.rows})
         if done != fed.rounds:
-            raise RuntimeError(f"the Flower simulation stopped after {done} of {fed.rounds} rounds (see Flower's log above)")
-    return server.result(views=curious.views)
+            raise DriveprivError(f"the Flower simulation stopped after {done} of {fed.rounds} rounds (see Flower's log above)")
+    result = server.result(views=curious.views)
+    result.cluster = {"engine": "flower", "ray_address": fed.ray_address or "local", "client_nodes": len(strategy.nodes)}
+    return result
 
 
 def _quiet_flower():
     """Flower logs every round at INFO, and warns at every call that ``run_simulation`` is
     deprecated in favour of ``flwr run`` (README); keep its errors only (a failed client is
-    raised by the strategy). Returns an undo."""
+    raised by the strategy), less the lost workers that drivepriv handles. Returns an undo."""
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
     flwr_log.setLevel(logging.ERROR)
-    return lambda: flwr_log.setLevel(level)
+    flwr_log.addFilter(_drop_lost_worker)
+    return lambda: (flwr_log.setLevel(level), flwr_log.removeFilter(_drop_lost_worker))
+
+
+def _drop_lost_worker(record: logging.LogRecord) -> bool:
+    """Flower logs a lost Ray worker as errors (a preface, the exception, its traceback);
+    drivepriv's grid retries it with a warning, or stops with a ClientFailed that carries Ray's
+    reason. Flower's other errors are kept."""
+    if record.pathname.endswith("raybackend.py"):
+        return False  # "An exception was raised when processing a message": the details follow
+    if isinstance(record.msg, BaseException):
+        return not {c.__name__ for c in type(record.msg).__mro__} & set(_LOST_WORKER)
+    return not (record.pathname.endswith("vce_api.py") and any(k in record.getMessage() for k in _LOST_WORKER))
 
 
 def _shutdown_ray() -> None:

@@ -77,6 +77,8 @@ class FederationResult:
     #: The defenses applied and, under DP-SGD, the privacy spent (epsilon at delta).
     privacy: dict[str, object] = field(default_factory=dict)
     algorithm: LocalAlgorithm | None = None
+    #: Where it ran, for run.json (Flower: the Ray address and how many nodes trained clients).
+    cluster: dict[str, object] = field(default_factory=dict)
 
 
 def episode_seed(root: int, client: int, episode: int) -> int:
