@@ -249,7 +249,7 @@ class _Search:
         that g (unit norm) and the direction it gives (R, H_k)."""
         D = self.output_maps(x, k)
         U = self.col(k)
-        G = D - torch.einsum("ij,rjo->rio", U @ U.T, D)
+        G = D - U @ (U.T @ D)  # D outside the column space (U is H x rank: cheaper than U U^T D)
         # generalised Rayleigh quotient min_g |G g|^2 / |D g|^2
         O = D.shape[2]
         a = G.transpose(1, 2) @ G
@@ -424,10 +424,10 @@ def _complete_first_layer(search: _Search, x: Tensor, tol: float, gen: torch.Gen
         unused = [i for i in order if i not in chosen]
         rng.shuffle(unused)
         keep = [i for i in chosen if i != out]
+        # keep is independent (a subset of an independent set), so only the new row is tested
         for j in unused:
-            trial = _independent(C, keep + [j], r)
-            if trial is not None:
-                chosen = trial
+            if _full_rank(C[keep + [j]]):
+                chosen = keep + [j]
                 break
         else:
             return []
@@ -439,12 +439,17 @@ def _independent(C: Tensor, order: list[int], r: int) -> list[int] | None:
     picked: list[int] = []
     for i in order:
         trial = picked + [i]
-        sv = torch.linalg.svdvals(C[trial])
-        if float(sv[-1]) > 1e-6 * float(sv[0]):
+        if _full_rank(C[trial]):
             picked = trial
             if len(picked) == r:
                 return picked
     return None
+
+
+def _full_rank(M: Tensor) -> bool:
+    """The rows of M are linearly independent (to a relative 1e-6)."""
+    sv = torch.linalg.svdvals(M)
+    return float(sv[-1]) > 1e-6 * float(sv[0])
 
 
 def _select(search: _Search, x: Tensor, g_dir: Tensor, resid: Tensor, limit: int, apart: float = 1e-4) -> list[tuple[Tensor, Tensor]]:

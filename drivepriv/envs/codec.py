@@ -99,19 +99,10 @@ class ObservationCodec:
 
     def to_world(self, phys: Array) -> Array:
         """Make neighbour rows absolute: add the ego's x, y, vx, vy to present neighbour rows."""
-        out = phys * 1.0
         p = self.index("presence")
-        for f in ("x", "y", "vx", "vy"):
-            i = self.index(f)
-            ego = phys[..., 0:1, i]
-            add = ego * phys[..., 1:, p]
-            if isinstance(out, np.ndarray):
-                out[..., 1:, i] = phys[..., 1:, i] + add
-            else:
-                col = out[..., :, i].clone()
-                col[..., 1:] = phys[..., 1:, i] + add
-                out = out.clone()
-                out[..., :, i] = col
+        idx = [self.index(f) for f in ("x", "y", "vx", "vy")]
+        out = phys.copy() if isinstance(phys, np.ndarray) else phys.clone()
+        out[..., 1:, idx] = phys[..., 1:, idx] + phys[..., 0:1, idx] * phys[..., 1:, p : p + 1]
         return out
 
     def decode_world(self, obs: Array) -> Array:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from drivepriv.config import EnvConfig
 from drivepriv.envs.codec import ObservationCodec
-from drivepriv.priors.road import RoadGeometry
+from drivepriv.priors.road import LaneCoordinates, RoadGeometry
 from drivepriv.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -247,12 +247,13 @@ class HighwayReward(RewardFunction):
         ego = next_world[..., 0, :]
         xy = self.xy_m(ego)
         heading = self.heading_rad(ego)
-        weights = self.road.closest_lane_weights(xy, heading, temperature)  # (B, L)
+        coords = self.road.lane_local_coordinates(xy)  # once, for the closest lane and on-road
+        weights = self.road.closest_lane_weights(xy, heading, temperature, coords)  # (B, L)
         value = torch.tensor(self._right_lane_value, dtype=next_world.dtype, device=next_world.device)
         right_lane = (weights * value).sum(-1)
         forward = ego[..., self.codec.index("vx")]
         high_speed = torch.clamp(lmap(forward, self.speed_range_mps, (0.0, 1.0)), 0.0, 1.0)
-        on_road = _on_road(self, xy, weights, temperature)
+        on_road = _on_road(self, xy, weights, temperature, coords)
         crashed = done * on_road if self.offroad_terminal else done
         return {
             "collision_reward": crashed,
@@ -269,7 +270,7 @@ class HighwayReward(RewardFunction):
         return total * terms["on_road_reward"]
 
 
-def _on_road(reward: RewardFunction, xy: Tensor, weights: Tensor, temperature: float) -> Tensor:
+def _on_road(reward: RewardFunction, xy: Tensor, weights: Tensor, temperature: float, coords: LaneCoordinates | None = None) -> Tensor:
     """(B,) highway-env ``vehicle.on_road`` = ``lane.on_lane(position)`` on the closest lane.
 
     ``on_lane``: |lateral| <= width / 2 and -VEHICLE_LENGTH <= s < length + VEHICLE_LENGTH
@@ -278,7 +279,7 @@ def _on_road(reward: RewardFunction, xy: Tensor, weights: Tensor, temperature: f
     ``Vehicle.on_state_update`` at the end of every simulation frame).
     """
     road = reward.road
-    c = road.lane_local_coordinates(xy)
+    c = road.lane_local_coordinates(xy) if coords is None else coords
     margin = HighwayReward.VEHICLE_LENGTH_M
     on_lane = (
         soft_step(road.lane_widths_m(xy) / 2.0 - c.lateral_abs_m, temperature)
@@ -347,7 +348,8 @@ class RoundaboutReward(RewardFunction):
     ) -> dict[str, Tensor]:
         ego = next_world[..., 0, :]
         xy = self.xy_m(ego)
-        weights = self.road.closest_lane_weights(xy, self.heading_rad(ego), temperature)  # (B, L)
+        coords = self.road.lane_local_coordinates(xy)  # once, for the closest lane and on-road
+        weights = self.road.closest_lane_weights(xy, self.heading_rad(ego), temperature, coords)  # (B, L)
         speed = self.codec.speed(ego)
         high_speed = self.speed_index(speed, temperature) / (self.DEFAULT_TARGET_SPEEDS_SIZE - 1)
         n_actions = action_probs.shape[-1]
@@ -356,7 +358,7 @@ class RoundaboutReward(RewardFunction):
             "collision_reward": done * torch.ones_like(speed),
             "high_speed_reward": high_speed,
             "lane_change_reward": lane_change,
-            "on_road_reward": _on_road(self, xy, weights, temperature),
+            "on_road_reward": _on_road(self, xy, weights, temperature, coords),
         }
 
     def combine(self, terms: dict[str, Tensor]) -> Tensor:
@@ -417,11 +419,12 @@ class IntersectionReward(RewardFunction):
     ) -> dict[str, Tensor]:
         ego = next_world[..., 0, :]
         xy = self.xy_m(ego)
-        weights = self.road.closest_lane_weights(xy, self.heading_rad(ego), temperature)  # (B, L)
+        coords = self.road.lane_local_coordinates(xy)  # once, for the closest lane and on-road
+        weights = self.road.closest_lane_weights(xy, self.heading_rad(ego), temperature, coords)  # (B, L)
         c = self.road.lane_local_coordinates(xy)
         exit_lane = torch.tensor(self._exit_lane, dtype=next_world.dtype, device=next_world.device)
         arrived = (weights * exit_lane * soft_step(c.s_m - self.EXIT_DISTANCE_M, temperature)).sum(-1)
-        on_road = _on_road(self, xy, weights, temperature)
+        on_road = _on_road(self, xy, weights, temperature, coords)
         speed = self.codec.speed(ego)
         high_speed = torch.clamp(lmap(speed, self.speed_range_mps, (0.0, 1.0)), 0.0, 1.0)
         crashed = done * (1.0 - arrived)
