@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Sequence, TypeVar
@@ -125,7 +126,9 @@ def ray_fan_out(fn: Callable[[T], R], items: Sequence[T], address: str, done: Ca
     is rerun up to ``retries`` times, then its error is raised; Ctrl-C cancels the tasks."""
     import ray
 
-    ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    # the workers see this process's import path, as Flower's own workers do (a checkout run in place)
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])}}
+    ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False, runtime_env=env)
     try:
         task = ray.remote(num_cpus=1, max_retries=retries)(_ray_job)
         fn_ref = ray.put(fn)
