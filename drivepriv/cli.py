@@ -264,13 +264,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import torch
+    from drivepriv.seeding import reproducible_torch
 
-    # One intra-op thread: two runs with the same seed then give the same numbers (with two,
-    # reductions split differently and rgia-k's choice among float-identical candidates moved
-    # its error by 1e-5 m between runs); the attacks' many small operations lose nothing.
-    torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False  # oneDNN's float32 kernels are not run-to-run reproducible (see pipeline.run_eval)
+    reproducible_torch()
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         args = make_parser().parse_args(argv)

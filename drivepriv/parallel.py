@@ -24,9 +24,8 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Sequence, TypeVar
 
-import torch
-
 from drivepriv.errors import DriveprivError
+from drivepriv.seeding import reproducible_torch
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -54,11 +53,9 @@ def resolve_workers(workers: int, jobs: int) -> int:
 
 def init_worker() -> None:
     """Set up a forked worker process: Ctrl-C reaches the whole process group, and the parent
-    stops the workers and reports it once; one intra-op thread and reproducible CPU kernels, as
-    the parent's run (pipeline.start_run)."""
+    stops the workers and reports it once; torch as in the parent's run."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
+    reproducible_torch()
 
 
 def _call(i: int):
@@ -114,8 +111,7 @@ def _ray_job(fn: Callable, item) -> tuple[object, str]:
     """One job as a Ray task (set up as a forked worker is), and the node it ran on."""
     import ray
 
-    torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
+    reproducible_torch()
     return fn(item), ray.get_runtime_context().get_node_id()
 
 

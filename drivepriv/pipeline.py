@@ -38,7 +38,7 @@ from drivepriv.priors.physics import KinematicPrior
 from drivepriv.priors.reward import ObservationReward, make_reward
 from drivepriv.priors.road import RoadGeometry
 from drivepriv.priors.state import box_penalty, state_penalty
-from drivepriv.seeding import derive_seed, seed_everything
+from drivepriv.seeding import derive_seed, reproducible_torch, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -282,12 +282,7 @@ def start_run(cfg: RunConfig, command: str, run_id: str | None, default_command:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     (work / "run.json").write_text(json.dumps({"run_id": run_id, "command": command or default_command, "seed": cfg.seed, "started": started}, indent=2))
     seed_everything(cfg.seed)
-    # The networks are small: a second thread buys almost nothing and, on a shared 2-core
-    # machine, thread contention made torch many times slower. One thread is also reproducible.
-    torch.set_num_threads(1)
-    # oneDNN's float32 kernels round differently from run to run (measured: rgia-k's states moved
-    # by float32 noise, 1e-5 m, between two runs of the same seed); the plain CPU kernels do not
-    torch.backends.mkldnn.enabled = False
+    reproducible_torch()
     return work, final_dir
 
 

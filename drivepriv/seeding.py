@@ -25,6 +25,18 @@ def numpy_rng(root: int, *ids: object) -> np.random.Generator:
     return np.random.default_rng(derive_seed(root, *ids))
 
 
+def reproducible_torch() -> None:
+    """torch as every drivepriv process runs it (the CLI, a run, each worker and Ray task).
+
+    One intra-op thread: the networks are small, so a second thread buys almost nothing (on a
+    shared 2-core machine thread contention made torch many times slower), and with two the
+    reductions split differently between runs (rgia-k's choice among float-identical
+    candidates moved its error by 1e-5 m). oneDNN off: its float32 kernels rounded differently
+    from run to run (rgia-k's states moved by 1e-5 m); the plain CPU kernels do not."""
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False
+
+
 def seed_everything(seed: int) -> None:
     """Seed the global generators (for libraries that use them); our own code uses derived streams."""
     random.seed(seed)

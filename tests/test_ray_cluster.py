@@ -149,7 +149,7 @@ def inprocess_run(tmp_path_factory):
 
 
 def _run_dir(out: Path) -> Path:
-    (run,) = [p for p in (out / "merge").iterdir()]
+    (run,) = (out / "merge").iterdir()
     return run
 
 

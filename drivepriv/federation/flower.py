@@ -55,6 +55,7 @@ from drivepriv.errors import ConfigError, DriveprivError
 from drivepriv.federation.defenses import DefenseStack
 from drivepriv.federation.flower_support import load_truth, require_flower, save_truth
 from drivepriv.federation.inprocess import Client, ClientUpdate, FederationResult, Server, sampled_clients, setup
+from drivepriv.seeding import reproducible_torch
 
 require_flower()
 
@@ -89,8 +90,7 @@ _SETUPS: dict[str, tuple[RunConfig, tuple[int, ...], object, DefenseStack]] = {}
 
 def _setup(run_id: str, cfg: RunConfig):
     if run_id not in _SETUPS:
-        torch.set_num_threads(1)
-        torch.backends.mkldnn.enabled = False  # as in-process: reproducible float32 kernels
+        reproducible_torch()  # as in-process
         _SETUPS[run_id] = (cfg, *setup(cfg), DefenseStack.from_specs(cfg.federation.defenses))
     return _SETUPS[run_id]
 
@@ -315,7 +315,7 @@ class _RetryingGrid:
 def _client_failed(rnd: int, msg: Message, retries: int) -> ClientFailed:
     reason = msg.error.reason
     node = msg.metadata.src_node_id
-    if any(k in reason for k in _LOST_WORKER):
+    if _lost_worker(msg):
         return ClientFailed(
             f"round {rnd}: the Ray worker training Flower node {node}'s client was lost (killed, out of memory, or its "
             f"node left the cluster) and federation.flower_retries={retries} restarts did not bring it back: {reason}. "

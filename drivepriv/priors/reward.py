@@ -421,7 +421,7 @@ class IntersectionReward(RewardFunction):
         xy = self.xy_m(ego)
         coords = self.road.lane_local_coordinates(xy)  # once, for the closest lane and on-road
         weights = self.road.closest_lane_weights(xy, self.heading_rad(ego), temperature, coords)  # (B, L)
-        c = self.road.lane_local_coordinates(xy)
+        c = coords
         exit_lane = torch.tensor(self._exit_lane, dtype=next_world.dtype, device=next_world.device)
         arrived = (weights * exit_lane * soft_step(c.s_m - self.EXIT_DISTANCE_M, temperature)).sum(-1)
         on_road = _on_road(self, xy, weights, temperature, coords)

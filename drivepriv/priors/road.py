@@ -117,9 +117,6 @@ class _LaneTensors:
     half_width: Tensor
     open_start: Tensor
     open_end: Tensor
-    #: (S, 15) every per-segment column above side by side (c0, dc, n0, dn, u_lo, u_hi, bulge,
-    #: s0, ds, h0, dh): the chosen segments' values in one gather.
-    table: Tensor
 
 
 def _build_tensors(lanes: tuple[Lane, ...], dtype: torch.dtype, device: torch.device) -> _LaneTensors:
@@ -152,20 +149,14 @@ def _build_tensors(lanes: tuple[Lane, ...], dtype: torch.dtype, device: torch.de
     def t(a) -> Tensor:
         return torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=dtype, device=device)
 
-    per_seg = {k: t(np.concatenate(v)) for k, v in cols.items()}
     return _LaneTensors(
-        **per_seg,
-        table=torch.cat([per_seg[k].reshape(total, -1) for k in _TABLE], dim=1),
+        **{k: t(np.concatenate(v)) for k, v in cols.items()},
         seg_index=torch.as_tensor(seg_index, device=device),
         length=t([lane.length_m for lane in lanes]),
         half_width=t([lane.width_m / 2.0 for lane in lanes]),
         open_start=t([float(lane.open_start) for lane in lanes]),
         open_end=t([float(lane.open_end) for lane in lanes]),
     )
-
-
-#: The columns of ``_LaneTensors.table``, in order.
-_TABLE = ("c0", "dc", "n0", "dn", "u_lo", "u_hi", "bulge", "s0", "ds", "h0", "dh")
 
 
 def _cross(a: Tensor, b: Tensor) -> Tensor:
@@ -313,22 +304,20 @@ class RoadGeometry:
             k = score[..., T.seg_index].argmin(-1, keepdim=True)  # (..., L, 1)
             seg = torch.gather(T.seg_index.expand(k.shape[:-1] + T.seg_index.shape[-1:]), -1, k).squeeze(-1)
 
-        g = T.table[seg]  # (..., L, 15): the chosen segments' columns, one gather
-        c0, dc, n0, dn = g[..., 0:2], g[..., 2:4], g[..., 4:6], g[..., 6:8]  # (..., L, 2)
-        u_lo, u_hi, bulge, s0, ds, h0, dh = g[..., 8:].unbind(-1)  # (..., L)
+        c0, dc, n0, dn = T.c0[seg], T.dc[seg], T.n0[seg], T.dn[seg]  # (..., L, 2)
         q = xy[..., None, :]  # (..., 1, 2)
         u = _segment_u(q, c0, dc, n0, dn)  # (..., L)
-        u = torch.minimum(torch.maximum(u, u_lo), u_hi)
+        u = torch.minimum(torch.maximum(u, T.u_lo[seg]), T.u_hi[seg])
         a = q - (c0 + u[..., None] * dc)
         axis = n0 + u[..., None] * dn
         axis = axis / torch.sqrt((axis**2).sum(-1, keepdim=True) + _SQRT_EPS_M2)
         # Along the axis the centre line bows out of the chord by a parabola (exact to second
         # order on arcs, and continuing them past the lane's ends).
-        along = (a * axis).sum(-1) - 4.0 * bulge * u * (1.0 - u)
+        along = (a * axis).sum(-1) - 4.0 * T.bulge[seg] * u * (1.0 - u)
         across = _cross(a, axis)  # 0 unless u was clamped (a point far from the lane)
         lateral = torch.sqrt(along**2 + across**2 + _SQRT_EPS_M2)
-        s = s0 + u * ds
-        heading = h0 + u * dh
+        s = T.s0[seg] + u * T.ds[seg]
+        heading = T.h0[seg] + u * T.dh[seg]
         return LaneCoordinates(s_m=s, lateral_abs_m=lateral, heading_rad=heading)
 
     def lane_distances(self, xy: Tensor, heading: Tensor | None = None, heading_weight: float = 1.0, coords: LaneCoordinates | None = None) -> Tensor:
