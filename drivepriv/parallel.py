@@ -1,5 +1,7 @@
 """Independent jobs (the attacks on the recorded updates, the report's per-batch media) fanned
-out over the machine's cores.
+out over the machine's cores, and single jobs run beside the main work (:class:`Background`:
+the attacker's rollouts while the federation trains, the trained policy's utility episodes
+while the attacks run).
 
 The workers are forked from the calling process, so a job's inputs (networks, priors, the
 attacker's rollouts) reach them without being pickled; only each job's result travels back.
@@ -105,6 +107,78 @@ def fan_out(fn: Callable[[T], R], items: Sequence[T], workers: int = 0, done: Ca
         ) from None
     finally:
         _JOBS = None
+
+
+class Background:
+    """``fn(*args)`` started now in a forked process, beside whatever this process does next;
+    :meth:`result` waits for it and returns its value (or raises its exception).
+
+    The child inherits ``fn`` and ``args`` (nothing is pickled on the way in; only the result
+    travels back), ignores Ctrl-C as the fan-out workers do, and is stopped when the ``with``
+    block is left early. ``fn`` must seed its own random streams, as every drivepriv job does:
+    then its result does not depend on the process it ran in. With ``workers=1`` (everything
+    one after another) or where the platform cannot fork, ``fn`` runs inside :meth:`result`,
+    in this process."""
+
+    def __init__(self, fn: Callable[..., R], *args, workers: int = 0) -> None:
+        self._fn, self._args = fn, args
+        self._proc = self._conn = None
+        self._done = False
+        self._value = None
+        if resolve_workers(workers, 2) > 1:
+            ctx = multiprocessing.get_context("fork")
+            self._conn, child = ctx.Pipe(duplex=False)
+            self._proc = ctx.Process(target=self._child, args=(child,), name=f"drivepriv-{getattr(fn, '__name__', 'job')}")
+            self._proc.start()
+            child.close()
+
+    def _child(self, conn) -> None:
+        init_worker()
+        try:
+            msg = ("ok", self._fn(*self._args))
+        except BaseException as e:  # noqa: BLE001 -- handed to the parent, raised there
+            msg = ("error", e)
+        try:
+            conn.send(msg)
+        except Exception as e:  # an unpicklable result or exception
+            conn.send(("error", RuntimeError(f"{type(msg[1]).__name__}: {msg[1]} (could not be sent back: {e})")))
+        conn.close()
+
+    def result(self) -> R:
+        if not self._done:
+            if self._proc is None:
+                self._value = self._fn(*self._args)
+            else:
+                try:
+                    kind, value = self._conn.recv()
+                except EOFError:
+                    self.cancel()
+                    raise DriveprivError(
+                        f"the background process running {getattr(self._fn, '__name__', 'a job')} died (killed, or out of memory). "
+                        "Run with --workers 1 to run everything one after another in this process."
+                    ) from None
+                self._proc.join()
+                self._conn.close()
+                self._proc = None
+                if kind == "error":
+                    raise value
+                self._value = value
+            self._done = True
+        return self._value
+
+    def cancel(self) -> None:
+        """Stop the child (if it still runs) without waiting for its result."""
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.join()
+            self._conn.close()
+            self._proc = None
+
+    def __enter__(self) -> "Background":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()
 
 
 def _ray_job(fn: Callable, item) -> tuple[object, str]:

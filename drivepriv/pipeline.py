@@ -30,10 +30,10 @@ from drivepriv.federation.inprocess import GroundTruth, ServerView, evaluate_pol
 from drivepriv.metrics.identifiability import separable_transitions
 from drivepriv.metrics.scores import Truth, score
 from drivepriv.metrics.vector import score_vector, vector_metric_columns
-from drivepriv.parallel import fan_out, ray_fan_out
+from drivepriv.parallel import Background, fan_out, ray_fan_out
 from drivepriv.report.build import build_report
 from drivepriv.results import BatchRecord, save_batches
-from drivepriv.priors.dynamics import collect_rollouts, fit_dynamics, fit_reward
+from drivepriv.priors.dynamics import Rollouts, collect_rollouts, fit_dynamics, fit_reward
 from drivepriv.priors.physics import KinematicPrior
 from drivepriv.priors.reward import ObservationReward, make_reward
 from drivepriv.priors.road import RoadGeometry
@@ -120,9 +120,15 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def build_priors(cfg: RunConfig, progress: bool) -> tuple[Priors, dict[str, float], RoadGeometry | None]:
+def attacker_rollouts(cfg: RunConfig, progress: bool = False) -> Rollouts:
+    """The attacker's own drive in the public simulator (its own seeds, never a client's)."""
+    return collect_rollouts(cfg.env, cfg.attack.dynamics.rollout_steps, cfg.seed, progress=progress)
+
+
+def build_priors(cfg: RunConfig, progress: bool, rollouts: Rollouts | None = None) -> tuple[Priors, dict[str, float], RoadGeometry | None]:
     """The attacker's public knowledge: codec, road, reward function, state feasibility and a
-    transition model fitted on its own rollouts (its own seeds, never a client's).
+    transition model fitted on its own rollouts (:func:`attacker_rollouts`, or ``rollouts``
+    when they were driven beforehand).
 
     highway-env: road geometry, the reward function and vehicle kinematics in closed form.
     Control tasks: their exact equations (transition, reward) stand for both transition
@@ -132,7 +138,6 @@ def build_priors(cfg: RunConfig, progress: bool) -> tuple[Priors, dict[str, floa
     env = make_env(cfg.env)
     env.reset(seed=derive_seed(cfg.seed, "attacker", "road"))
     actions = ActionSpec.of(env.action_space)
-    log.info("attacker: driving the public simulator for %d steps to fit its transition prior", cfg.attack.dynamics.rollout_steps)
     try:
         road = None
         physics = reward = dynamics = None
@@ -158,7 +163,9 @@ def build_priors(cfg: RunConfig, progress: bool) -> tuple[Priors, dict[str, floa
             penalty = lambda obs: metadrive_state_penalty(obs, codec)  # noqa: E731
     finally:
         env.close()
-    rollouts = collect_rollouts(cfg.env, cfg.attack.dynamics.rollout_steps, cfg.seed, progress=progress)
+    if rollouts is None:
+        log.info("attacker: driving the public simulator for %d steps to fit its transition prior", cfg.attack.dynamics.rollout_steps)
+        rollouts = attacker_rollouts(cfg, progress)
     if dynamics is None:
         dynamics, stats = fit_dynamics(rollouts, actions.n, cfg.attack.dynamics, cfg.seed)
     if reward is None:  # no closed form (MetaDrive, racetrack, parking): learned from the rollouts
@@ -288,15 +295,18 @@ def start_run(cfg: RunConfig, command: str, run_id: str | None, default_command:
 
 def train_federation(cfg: RunConfig, work: Path, progress: bool, attacked: set[tuple[int, int]] | None = None):
     """Train (in-process or on Flower; server views recorded for ``attacked``, by default the
-    configuration's), write training.csv and privacy_utility.json."""
+    configuration's) and write training.csv."""
     fed = run_federation(cfg, resolve_attacked(cfg) if attacked is None else attacked, progress=progress)
     fed.training.to_csv(work / "training.csv", index=False)
     if fed.cluster:  # where it ran (not part of the results)
         info = json.loads((work / "run.json").read_text())
         (work / "run.json").write_text(json.dumps({**info, "cluster": fed.cluster}, indent=2))
-    utility = evaluate_policy(cfg, fed.model, fed.algorithm, cfg.federation.eval_episodes)
-    (work / "privacy_utility.json").write_text(json.dumps({"privacy": fed.privacy, "utility": utility}, indent=2))
-    return fed, utility
+    return fed
+
+
+def write_privacy_utility(work: Path, privacy: dict, utility: dict) -> None:
+    """privacy_utility.json: the privacy the defenses spent and the trained policy's utility."""
+    (work / "privacy_utility.json").write_text(json.dumps({"privacy": privacy, "utility": utility}, indent=2))
 
 
 def run_train(cfg: RunConfig, command: str = "", progress: bool = True, run_id: str | None = None) -> tuple[Path, dict]:
@@ -305,7 +315,9 @@ def run_train(cfg: RunConfig, command: str = "", progress: bool = True, run_id: 
     cfg = DefenseStack.from_specs(cfg.federation.defenses).configure(cfg)
     check_supported(cfg, attacks=False)
     work, final_dir = start_run(cfg, command, run_id, f"drivepriv train --scenario {cfg.name} --seed {cfg.seed}")
-    fed, utility = train_federation(cfg, work, progress, attacked=set())
+    fed = train_federation(cfg, work, progress, attacked=set())
+    utility = evaluate_policy(cfg, fed.model, fed.algorithm, cfg.federation.eval_episodes)
+    write_privacy_utility(work, fed.privacy, utility)
     torch.save(fed.model.state_dict(), work / "model.pt")
     shutil.move(str(work), str(final_dir))
     return final_dir, utility
@@ -318,8 +330,14 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True, run_id: s
     check_supported(cfg)
     work, final_dir = start_run(cfg, command, run_id, f"drivepriv eval --scenario {cfg.name} --seed {cfg.seed}")
     t0 = time.perf_counter()
-    fed, _ = train_federation(cfg, work, progress)
-    return attack_and_report(cfg, fed.model, fed.views, fed.truths, work, final_dir, progress, stages={"train": time.perf_counter() - t0})
+    # The attacker drives its own rollouts while the federation trains (they need nothing from
+    # it), and the trained policy's utility episodes run beside the attacks: the same numbers
+    # as one after another (each seeds its own streams), with the second core busy.
+    with Background(attacker_rollouts, cfg, workers=cfg.workers) as rollouts:
+        fed = train_federation(cfg, work, progress)
+        stages = {"train": time.perf_counter() - t0}
+        with Background(evaluate_policy, cfg, fed.model, fed.algorithm, cfg.federation.eval_episodes, workers=cfg.workers) as utility:
+            return attack_and_report(cfg, fed.model, fed.views, fed.truths, work, final_dir, progress, stages, rollouts, (fed.privacy, utility))
 
 
 def attack_and_report(
@@ -331,6 +349,8 @@ def attack_and_report(
     final_dir: Path,
     progress: bool = True,
     stages: dict[str, float] | None = None,
+    rollouts: Background | None = None,
+    privacy_utility: tuple[dict, Background] | None = None,
 ) -> RunResult:
     """Attack every server view (the attacker's input: the view and public priors), score each
     reconstruction against its client's truth, save and report; then give ``work`` its final name.
@@ -338,10 +358,12 @@ def attack_and_report(
     ``model`` is the network the views' parameters belong to (any module whose first layer is
     ``nn.Linear``); ``truths`` is keyed by (round, client) and read by the metrics only.
     ``stages``: seconds already spent (e.g. training), written to run.json's ``stage_seconds``
-    with the attacker's priors, the attacks and the report."""
+    with the attacker's priors, the attacks and the report. ``rollouts``: the attacker's
+    rollouts, driven beforehand (:func:`attacker_rollouts`). ``privacy_utility``: the privacy
+    spent and the (pending) utility episodes, written to privacy_utility.json before the report."""
     stages = dict(stages or {})
     t0 = time.perf_counter()
-    priors, dyn_stats, road = build_priors(cfg, progress)
+    priors, dyn_stats, road = build_priors(cfg, progress, rollouts.result() if rollouts is not None else None)
     stages["priors"] = time.perf_counter() - t0
     codec = priors.codec
     obs_shape = tuple(codec.obs_shape)
@@ -351,8 +373,6 @@ def attack_and_report(
     columns = metric_columns(codec, continuous)
     suffix = "_m" if codec.kind == "kinematics" else ""
 
-    rows, timings = [], []
-    records: list[BatchRecord] = []
     views = sorted(views, key=lambda v: (v.round, v.client))
     inputs = [attack_input(model, view, priors, obs_shape, n_actions) for view in views]
     jobs = [(k, name) for k in range(len(views)) for name in cfg.attack.attacks]
@@ -375,13 +395,18 @@ def attack_and_report(
     results = dict(zip(jobs, out))
     stages["attacks"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for k, (view, inp) in enumerate(zip(views, inputs)):
-        truth = _truth(truths[(view.round, view.client)])
+
+    def score_batch(k: int) -> tuple[list[dict], list[dict], BatchRecord]:
+        """Every attack's reconstruction of update ``k`` against its client's truth (metrics only)."""
+        view, inp = views[k], inputs[k]
+        gt = truths[(view.round, view.client)]
+        truth = _truth(gt)
         truth_residual = residual_of(truth.states, truth.actions, truth.next_states)
         ceiling = {
             "identifiable": separable_transitions(model, view.params, truth.states, None if continuous else truth.actions),
             "update_rank": update_rank(inp),
         }
+        rows, timings = [], []
         recs: dict[str, tuple[Reconstruction, np.ndarray]] = {}
         for name in cfg.attack.attacks:
             rec = results[(k, name)]
@@ -393,16 +418,21 @@ def attack_and_report(
             rows.append({"attack": name, "client": view.client, "round": view.round, "seed": cfg.seed, "batch_size": view.batch_size, "local_steps": inp.local_steps, **m})
             timings.append({"attack": name, "client": view.client, "round": view.round, "seed": cfg.seed, "time_s": rec.time_s})
             recs[name] = (rec, perm)
-        gt = truths[(view.round, view.client)]
-        records.append(
-            BatchRecord(
-                view.client,
-                view.round,
-                {"states": truth.states, "actions": truth.actions, "rewards": truth.rewards, "next_states": truth.next_states, "dones": truth.dones},
-                np.concatenate(gt.origins),
-                {n: {"states": r.states[p], "actions": r.actions[p], "rewards": r.rewards[p], "next_states": r.next_states[p]} for n, (r, p) in recs.items()},
-            )
+        record = BatchRecord(
+            view.client,
+            view.round,
+            {"states": truth.states, "actions": truth.actions, "rewards": truth.rewards, "next_states": truth.next_states, "dones": truth.dones},
+            np.concatenate(gt.origins),
+            {n: {"states": r.states[p], "actions": r.actions[p], "rewards": r.rewards[p], "next_states": r.next_states[p]} for n, (r, p) in recs.items()},
         )
+        return rows, timings, record
+
+    # scoring steps the simulator from every reconstruction (the dynamics residual): one batch per
+    # worker, each step from a freshly reset simulator, so the same numbers in any process
+    scored = fan_out(score_batch, range(len(views)), cfg.workers)
+    rows = [r for batch_rows, _, _ in scored for r in batch_rows]
+    timings = [t for _, batch_timings, _ in scored for t in batch_timings]
+    records: list[BatchRecord] = [record for _, _, record in scored]
     bar.close()
     residual_of.close()
 
@@ -412,6 +442,9 @@ def attack_and_report(
     save_batches(work, records)
     (work / "attacker.json").write_text(json.dumps({"dynamics_prior": dyn_stats}, indent=2))
 
+    if privacy_utility is not None:
+        privacy, utility = privacy_utility
+        write_privacy_utility(work, privacy, utility.result())
     stages["scoring"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     built = build_report(work, progress=progress)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from drivepriv.errors import DriveprivError
-from drivepriv.parallel import fan_out, resolve_workers
+from drivepriv.parallel import Background, fan_out, resolve_workers
 
 
 def _square_with_pid(x):
@@ -48,3 +48,33 @@ def test_a_killed_worker_is_a_clear_error_not_a_hang():
 
     with pytest.raises(DriveprivError, match="worker process died.*--workers 1"):
         fan_out(job, range(4), workers=2)
+
+
+def test_a_background_job_runs_in_another_process_beside_this_one():
+    big = np.arange(10.0)  # inherited by the child, not pickled
+    job = Background(lambda scale: (float(big.sum() * scale), os.getpid()), 2.0, workers=2)
+    here = sum(range(1000))  # this process goes on meanwhile
+    value, pid = job.result()
+    assert value == 90.0 and pid != os.getpid() and here == 499500
+    assert job.result() == (value, pid), "the result is kept, not recomputed"
+    inline = Background(lambda: os.getpid(), workers=1)
+    assert inline.result() == os.getpid(), "workers=1 runs the job here, inside result()"
+
+
+def test_a_background_jobs_exception_or_death_reaches_the_caller():
+    def fails():
+        raise ValueError("bad rollout seed")
+
+    with pytest.raises(ValueError, match="bad rollout seed"):
+        Background(fails, workers=2).result()
+    with pytest.raises(DriveprivError, match="background process running.*died.*--workers 1"):
+        Background(lambda: os.kill(os.getpid(), signal.SIGKILL), workers=2).result()
+
+
+def test_leaving_the_with_block_early_stops_the_background_job():
+    import time
+
+    with Background(time.sleep, 60, workers=2) as job:
+        proc = job._proc
+        assert proc.is_alive()
+    assert not proc.is_alive() and job._proc is None

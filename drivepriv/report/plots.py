@@ -234,9 +234,10 @@ def draw_batch_figure(
     says which.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.collections import LineCollection, PolyCollection
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
-    from matplotlib.patches import FancyArrowPatch, Patch, Polygon
+    from matplotlib.patches import Patch
     from matplotlib.ticker import MultipleLocator
 
     path = Path(path)
@@ -275,38 +276,59 @@ def draw_batch_figure(
             x0 = left + pair * (2 * panel_w + gap + pair_gap) + col * (panel_w + gap)
             axes[r, c] = fig.add_axes((x0 / fig_w, y0 / fig_h, panel_w / fig_w, panel_h / fig_h))
     polys = road_polygons(road)
+    # Each panel is drawn with a handful of collections (road, cars, arrows, error lines) rather
+    # than one artist per shape: a figure has 16 panels, and matplotlib's cost is per artist.
+    # Every panel's limits are set explicitly below, so nothing needs the data limits.
+    road_surfaces = [surface for surface, _, _ in polys]
+    road_edges = [edge for _, left, right in polys for edge in (left, right)]
+    centres = [lane.points for lane in road.lanes]
 
     def draw_road(ax) -> None:
-        for surface, left, right in polys:
-            ax.add_patch(Polygon(surface, closed=True, facecolor=_hex(ROAD_RGB), edgecolor="none", zorder=0))
-        for (surface, left, right), lane in zip(polys, road.lanes):
-            for edge in (left, right):
-                ax.plot(edge[:, 0], edge[:, 1], color=_hex(EDGE_RGB), lw=0.8, zorder=1)
-            ax.plot(lane.points[:, 0], lane.points[:, 1], color=_hex(CENTRE_RGB), lw=0.7, ls=(0, (6, 5)), zorder=1)
+        ax.add_collection(PolyCollection(road_surfaces, closed=True, facecolors=_hex(ROAD_RGB), edgecolors="none", zorder=0), autolim=False)
+        ax.add_collection(LineCollection(road_edges, colors=_hex(EDGE_RGB), linewidths=0.8, zorder=1), autolim=False)
+        ax.add_collection(LineCollection(centres, colors=_hex(CENTRE_RGB), linewidths=0.7, linestyles=[(0, (6, 5))], zorder=1), autolim=False)
 
-    def arrow(ax, p: Poses, j: int, colour: str, z: int) -> None:
-        tip = p.xy[j] + p.v[j] * ARROW_S
-        if np.hypot(*(tip - p.xy[j])) > 0.3:
-            ax.add_patch(FancyArrowPatch(tuple(p.xy[j]), tuple(tip), arrowstyle="-|>", mutation_scale=7,
-                                         color=colour, lw=0.9, zorder=z))
+    def arrows(ax, tails: list, tips: list, colours: list, z: int) -> None:
+        """Velocity arrows (tail -> tip, metres), skipping those shorter than 0.3 m."""
+        if not tails:
+            return
+        tails, d = np.asarray(tails), np.asarray(tips) - np.asarray(tails)
+        keep = np.hypot(d[:, 0], d[:, 1]) > 0.3
+        if keep.any():
+            ax.quiver(tails[keep, 0], tails[keep, 1], d[keep, 0], d[keep, 1], color=[c for c, k in zip(colours, keep) if k],
+                      angles="xy", scale_units="xy", scale=1.0, units="inches", width=0.9 / 72, headwidth=3.2, headlength=3.4, headaxislength=3.0, zorder=z)
 
     def draw_truth(ax, t: Poses) -> None:
         corners = car_corners(t.xy, t.heading)
-        for j in np.flatnonzero(t.present):
-            ego = j == 0
-            ax.add_patch(Polygon(corners[j], closed=True, facecolor=_hex(EGO_RGB if ego else CAR_RGB),
-                                 edgecolor="black" if ego else "none", lw=1.0, alpha=0.9, zorder=2 + ego))
-            arrow(ax, t, j, "black", 4)
+        present = np.flatnonzero(t.present)
+        others = [j for j in present if j != 0]
+        if others:
+            ax.add_collection(PolyCollection([corners[j] for j in others], closed=True, facecolors=_hex(CAR_RGB), edgecolors="none", alpha=0.9, zorder=2), autolim=False)
+        if 0 in present:
+            ax.add_collection(PolyCollection([corners[0]], closed=True, facecolors=_hex(EGO_RGB), edgecolors="black", linewidths=1.0, alpha=0.9, zorder=3), autolim=False)
+        arrows(ax, [t.xy[j] for j in present], [t.xy[j] + t.v[j] * ARROW_S for j in present], ["black"] * len(present), 4)
 
-    def draw_recon(ax, p: Poses, colour: str, t: Poses) -> None:
-        corners = car_corners(p.xy, p.heading)
-        for j in np.flatnonzero(p.present):
-            ego = j == 0
-            ax.add_patch(Polygon(corners[j], closed=True, facecolor="none", edgecolor=colour,
-                                 lw=2.4 if ego else 1.3, zorder=5 + ego))
-            if t.present[j]:
-                ax.plot([t.xy[j, 0], p.xy[j, 0]], [t.xy[j, 1], p.xy[j, 1]], color=colour, lw=0.8, ls=":", zorder=4)
-            arrow(ax, p, j, colour, 7)
+    def draw_recons(ax, recon: list[tuple[Poses, str]], t: Poses) -> None:
+        """Every attack's reconstruction in the panel: outlines (ego thick), error lines, arrows."""
+        shapes: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}
+        errors, error_colours, tails, tips, arrow_colours = [], [], [], [], []
+        for p, colour in recon:
+            corners = car_corners(p.xy, p.heading)
+            for j in np.flatnonzero(p.present):
+                shapes[j == 0][0].append(corners[j])
+                shapes[j == 0][1].append(colour)
+                if t.present[j]:
+                    errors.append([t.xy[j], p.xy[j]])
+                    error_colours.append(colour)
+                tails.append(p.xy[j])
+                tips.append(p.xy[j] + p.v[j] * ARROW_S)
+                arrow_colours.append(colour)
+        if errors:
+            ax.add_collection(LineCollection(errors, colors=error_colours, linewidths=0.8, linestyles=":", zorder=4), autolim=False)
+        for ego, (polygons, colours) in shapes.items():
+            if polygons:
+                ax.add_collection(PolyCollection(polygons, closed=True, facecolors="none", edgecolors=colours, linewidths=2.4 if ego else 1.3, zorder=5 + ego), autolim=False)
+        arrows(ax, tails, tips, arrow_colours, 7)
 
     for k, i in enumerate(idx):
         r, c0 = divmod(k, pairs_per_row)
@@ -317,8 +339,7 @@ def draw_batch_figure(
             draw_road(ax)
             t = poses(truth_arr[i], feats)
             draw_truth(ax, t)
-            for n, name in enumerate(names):
-                draw_recon(ax, poses(scene.recon[name][col][i], feats), _hex(attack_rgb(n)), t)
+            draw_recons(ax, [(poses(scene.recon[name][col][i], feats), _hex(attack_rgb(n))) for n, name in enumerate(names)], t)
             ax.set_xlim(cx - window_m, cx + window_m)
             ax.set_ylim(cy + half_h, cy - half_h)  # world y points down, as in highway-env
             ax.tick_params(labelsize=7, length=2, pad=1.5)
