@@ -259,3 +259,26 @@ def test_peeling_subtracts_each_samples_own_gradient():
     grads = torch.autograd.grad((out * g_out).sum(), list(model.parameters()))
     for (gw, gb), w, b in zip(ours, grads[0::2], grads[1::2]):
         assert torch.allclose(gw, w, atol=1e-10) and torch.allclose(gb, b, atol=1e-10)
+
+
+def test_least_squares_gives_the_same_bits_wherever_its_input_lies_in_memory():
+    """torch's default CPU driver (gelsy) rounded differently with the input's address, so an
+    attack's result depended on what its process had allocated before (rgia-k moved by 1e-5 m
+    between runs of one seed); attacks.base.lstsq must not."""
+    from drivepriv.attacks.base import lstsq
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 120, 20, generator=gen, dtype=torch.float64)
+    a[:, :, -3:] = 2 * a[:, :, :3]  # rank-deficient too, as trained networks' blocks are
+    b = torch.randn(16, 120, 1, generator=gen, dtype=torch.float64)
+    outs = []
+    for offset in range(0, 512, 8):  # 64 placements, 64 bytes apart
+        buf_a = torch.empty(a.numel() + 1024, dtype=a.dtype)
+        buf_b = torch.empty(b.numel() + 1024, dtype=b.dtype)
+        va = buf_a[offset : offset + a.numel()].view(a.shape)
+        vb = buf_b[offset : offset + b.numel()].view(b.shape)
+        va.copy_(a)
+        vb.copy_(b)
+        outs.append(lstsq(va, vb))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert torch.isfinite(outs[0]).all()

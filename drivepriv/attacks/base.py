@@ -117,6 +117,17 @@ class Attack:
 ATTACKS: Registry[type[Attack]] = Registry("attack")
 
 
+def lstsq(a: Tensor, b: Tensor) -> Tensor:
+    """Least-squares (minimum-norm) solution of ``a x = b``, batched as torch's, reproducible.
+
+    LAPACK's SVD-based driver (gelsd). torch's CPU default, gelsy (pivoted QR), gives results
+    that differ in the last bits with the address of its input (measured: the same matrix
+    copied to 64 offsets 64 bytes apart), so an attack's outcome depended on what the worker
+    process had allocated before it (rgia-k's states moved by 1e-5 m between runs of one seed);
+    gelsd, gelss and gels gave the same bits at every offset."""
+    return torch.linalg.lstsq(a, b, driver="gelsd").solution
+
+
 def gradient_distance(g: tuple[Tensor, ...], target: tuple[Tensor, ...], kind: str) -> Tensor:
     """Distance between two gradients given as tuples; leading dims (restarts) are kept.
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from drivepriv.attacks.base import ATTACKS, Attack, AttackInput, Reconstruction, gradient_distance
+from drivepriv.attacks.base import ATTACKS, Attack, AttackInput, Reconstruction, gradient_distance, lstsq
 from drivepriv.attacks.engine import EngineSettings, run_engine
 from drivepriv.agents.dqn import Batch
 from drivepriv.agents.ppo import PPOLossSpec
@@ -78,7 +78,7 @@ def complete_from_states(inp: AttackInput, states: np.ndarray, name: str) -> Rec
     gwl, gbl = g[f"{last}.weight"].double(), g[f"{last}.bias"].double()  # (O, H), (O,)
     design = torch.cat([h, torch.ones(B, 1, dtype=h.dtype)], dim=1)  # (B, H+1)
     rhs = torch.cat([gwl, gbl[:, None]], dim=1)  # (O, H+1)
-    coef = torch.linalg.lstsq(design.T, rhs.T).solution  # (B, O): dL/d output_ik
+    coef = lstsq(design.T, rhs.T)  # (B, O): dL/d output_ik
     dyn = inp.priors.physics or inp.priors.dynamics
     dones = torch.zeros(B)
     ppo = _is_ppo(inp)
@@ -126,7 +126,7 @@ def _ppo_actions_and_returns(inp: AttackInput, out: Tensor, coef: Tensor) -> tup
     state is; the action is the a whose ``e_a - pi_i`` best explains the rest (its sign pattern
     is unique: one component against all others); the return comes from the value's gradient.
     """
-    B, A = out.shape[0], inp.n_actions
+    A = inp.n_actions
     logits = out[:, :A].double().detach().requires_grad_(True)
     logp = torch.log_softmax(logits, -1)
     ent = -(logp.exp() * logp).sum(-1).sum()

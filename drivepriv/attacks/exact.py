@@ -47,6 +47,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from drivepriv.attacks.base import lstsq
+
 
 @dataclass
 class Layer:
@@ -189,7 +191,7 @@ class _Search:
 
     def project(self, x: Tensor) -> Tensor:
         """x projected onto the first layer's affine subspace (if it has one)."""
-        z = torch.linalg.lstsq(self.N.T, (x - self.p).T).solution.T
+        z = lstsq(self.N.T, (x - self.p).T).T
         return self.p + z @ self.N
 
     def residuals(self, x: Tensor) -> Tensor:
@@ -203,7 +205,7 @@ class _Search:
 
     def newton(self, x0: Tensor, iterations: int) -> Tensor:
         """Fixed-pattern least-squares steps from x0 (R, d); returns the final points."""
-        z = torch.linalg.lstsq(self.N.T, (x0 - self.p).T).solution.T
+        z = lstsq(self.N.T, (x0 - self.p).T).T
         if not self.deep:
             return self.p + z @ self.N
         layers = self.chain.layers
@@ -226,7 +228,7 @@ class _Search:
                     rhs.append(-(c @ P[:-1] + P[-1]) / a_norm[..., 0])
             A = torch.cat(rows, dim=1)
             y = torch.cat(rhs, dim=1)
-            step = torch.linalg.lstsq(A, y[..., None]).solution[..., 0]
+            step = lstsq(A, y[..., None])[..., 0]
             bad = ~torch.isfinite(step).all(1)
             z = torch.where(bad[:, None], z, step)
         return self.p + z @ self.N
@@ -406,7 +408,7 @@ def _complete_first_layer(search: _Search, x: Tensor, tol: float, gen: torch.Gen
     rng = np.random.default_rng(0 if gen is None else int(torch.randint(2**31 - 1, (1,), generator=gen)))
     for _ in range(max(1, swaps)):
         U = C[chosen].T  # (H, r)
-        W = torch.linalg.lstsq(U, search.grads[0]).solution  # (r, d+1): rows t_i [x_i, 1]
+        W = lstsq(U, search.grads[0])  # (r, d+1): rows t_i [x_i, 1]
         scale = W[:, -1]
         xs = W[:, :-1] / torch.where(scale.abs() < 1e-300, torch.ones_like(scale), scale)[:, None]
         r2, g_dir, u2 = search.column_test(xs, 0)
