@@ -282,3 +282,45 @@ def test_least_squares_gives_the_same_bits_wherever_its_input_lies_in_memory():
         outs.append(lstsq(va, vb))
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     assert torch.isfinite(outs[0]).all()
+
+
+def trained_like_network(seed: int = 0, cutting: int = 10) -> QNetwork:
+    """A 35-256-256-5 Q-network shaped like a trained one (default merge, round 150: ~120
+    first-layer units dead and ~130 always on across a batch, only a few cutting through it;
+    the second layer's patterns shared by every sample that took the same action). Biases are
+    set past each unit's bound over the observation box, so the structure holds for any state;
+    the cutting units cut at their median over the attacker's own rollouts."""
+    torch.manual_seed(seed)
+    model = QNetwork(35, 5, [256, 256])
+    first, second = model.net[0], model.net[2]
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        bound = first.weight.abs().sum(1) + first.bias.abs() + 0.1  # |W x + b| below it for |x| <= 1
+        keep = torch.zeros(256, dtype=torch.bool)
+        keep[torch.as_tensor(rng.choice(256, cutting, replace=False))] = True
+        sign = torch.as_tensor(rng.choice([-1.0, 1.0], 256), dtype=torch.float32)
+        z = torch.as_tensor(attacker_prior_states(seed)).reshape(-1, 35) @ first.weight.T
+        first.bias.copy_(torch.where(keep, -z.median(0).values, sign * bound))
+        high = first.weight.abs().sum(1) + first.bias.abs()  # each first-layer output's bound
+        bound2 = (second.weight.abs() * high).sum(1) + 0.1
+        sign2 = torch.as_tensor(rng.choice([-1.0, 1.0], 256, p=[0.4, 0.6]), dtype=torch.float32)
+        second.bias.copy_(sign2 * bound2)
+    return model
+
+
+def test_rgia_k_recovers_a_trained_like_network_whose_samples_share_patterns():
+    """Where the last hidden layer separates only groups of samples (same action, same deeper
+    patterns) and the first layer's patterns differ in a few units, the last hidden layer's
+    row space holds only group sums: the terms' directions are enumerated from the patterns
+    the update allows (``exact._pattern_directions``) and the batch is still recovered, with
+    no prior state at all."""
+    from drivepriv.attacks.exact import layer_ranks
+
+    inp, truth, codec = setup_case(8, seed=5, replay=True, model=trained_like_network(5))
+    inp.priors = Priors(codec=codec, prior_states=None)
+    ranks = list(layer_ranks(inp.model, inp.params, dict(zip(inp.params, inp.gradient)), 8).values())
+    assert ranks[1] < ranks[0] == 8, ranks  # the case under test: groups at the second layer
+    rec = make_attack("rgia-k", iterations=20, restarts=2).run(inp, seed=0)
+    m, _ = score(truth, rec.states, rec.actions, rec.rewards, rec.next_states, codec)
+    assert rec.extra["states_found"] == 8
+    assert m["ego_within_1m"] == 1.0 and m["ego_pos_err_m"] < 1e-2, m

@@ -329,6 +329,7 @@ class RGIAKAttack(RGIAAttack):
             derive_seed(seed, "attack", self.name, "exact"),
             starts=np.concatenate(starts),
             restarts=int(self.settings.get("search_restarts", 512)),
+            one_hot=not _is_ppo(inp),  # DQN: dL/dQ is non-zero at the action taken only
         )
         k = len(res.states)
         explained = k > 0 and res.residual_norm < 1e-3

@@ -31,6 +31,19 @@ Batches in Federated Learning", arXiv 2403.03945) disaggregates; we use it this 
 4. **Peeling.** Each chosen sample's exact contribution to every layer's gradient (its own
    gradient, from x_i and its output gradient) is subtracted; the rest is a smaller batch whose
    layers have more rank room, searched again.
+5. **Completion.** Once r directions of the first layer's column space are known (r its rank),
+   the inputs follow by least squares (SPEAR's completion, :func:`_complete_first_layer`). A
+   trained network needs it most: most first-layer units are dead or always on across a batch
+   and the samples that share an action also share the deeper patterns, so the last hidden
+   layer separates only k < r groups, its row space holds group sums (no condition on one
+   sample: only layers at the largest rank are searched) and the directions come from an
+   enumeration instead (:func:`_pattern_directions`): the k groups from that layer's
+   directions, the few units that vary inside a group from the first layer's column basis,
+   every on/off pattern of those. A chosen set is certified when its terms, each taken with the
+   patterns it was found with, reproduce every layer's gradient of the update (on one ReLU
+   cell each layer's input is affine in the input, so a term's weighted sums follow from its
+   row alone); each term whose input then lies in its own cell is a sample. Terms that do not
+   (samples of one term whose weights have both signs) are what the update cannot split.
 
 What the update provably cannot separate (two transitions with the same action and every ReLU
 pattern, or duplicates) shows as a rank deficit; :func:`layer_ranks` measures it, and
@@ -159,8 +172,14 @@ class _Search:
     """One peeling round: the layers' spaces at their numerical ranks, the batched active-set
     Newton search and the certification tests (see the module docstring)."""
 
-    def __init__(self, chain: Chain, grads: list[Tensor], n: int, floor: float = 1e-7) -> None:
+    def __init__(self, chain: Chain, grads: list[Tensor], n: int, floor: float = 1e-7, one_hot: bool = False, tol: float = 1e-9) -> None:
         self.chain = chain
+        self.n_out = chain.layers[-1].weight.shape[0]
+        #: every sample's output gradient lies along one output (DQN: dL/dQ is non-zero at the
+        #: action taken only), so each output's own direction is tested, not their mixtures
+        self.one_hot = one_hot
+        #: the certification tolerance (squared relative residual) one-hot residuals are scaled to
+        self.tol = tol
         L = len(chain.layers)
         self.svd = [torch.linalg.svd(g, full_matrices=False) for g in grads[: L - 1]]
         #: rank of every hidden layer's gradient: how many distinct rank-one terms it carries
@@ -169,7 +188,14 @@ class _Search:
         self.grads = grads
         # row spaces of the hidden layers with rank room (not the output layer: its output
         # gradients are not independent, e.g. one-hot for DQN)
-        self.row = {k: vh[: self.rank[k]] for k, (_, _, vh) in enumerate(self.svd) if 0 < self.rank[k] < vh.shape[1]}
+        # A layer's row space holds each sample's own input only where its output gradients
+        # are independent (rank = the samples the update separates anywhere). Where samples
+        # share their action and that layer's patterns onward, their output gradients there are
+        # parallel and the row space holds only their weighted sums, not each input: such a
+        # layer is no condition on one sample (a trained network's last hidden layer, often).
+        room = [self.rank[k] for k, (_, _, vh) in enumerate(self.svd) if 0 < self.rank[k] < vh.shape[1]]
+        self.separated = max(room, default=0)
+        self.row = {k: vh[: self.rank[k]] for k, (_, _, vh) in enumerate(self.svd) if 0 < self.rank[k] < vh.shape[1] and self.rank[k] == self.separated}
         d = chain.in_dim
         if 0 in self.row:
             self.p, self.N = _affine_subspace(self.row[0])
@@ -237,10 +263,15 @@ class _Search:
         """(R, H_k, O): the linear map from an output gradient g to the gradient of layer k's
         output that x's own ReLU patterns give, ``diag(m_k) W_{k+1}^T ... diag(m_{L-1}) W_L^T``."""
         _, pre = self.chain.forward(x)
+        return self.pattern_maps([(z > 0).double() for z in pre[:-1]], k)
+
+    def pattern_maps(self, masks: list[Tensor], k: int) -> Tensor:
+        """``output_maps`` for given ReLU patterns: ``masks[j]`` (R, H_j) the on/off pattern of
+        hidden layer j (only layers k and deeper are read)."""
         layers = self.chain.layers
-        D = layers[-1].weight.T.expand(x.shape[0], -1, -1)
+        D = layers[-1].weight.T.expand(masks[-1].shape[0], -1, -1)
         for j in range(len(layers) - 2, k - 1, -1):
-            D = (pre[j] > 0).double()[..., None] * D
+            D = masks[j][..., None] * D
             if j > k:
                 D = torch.einsum("ih,rio->rho", layers[j].weight, D)
         return D
@@ -249,7 +280,9 @@ class _Search:
         """For each x: the smallest relative residual, over output gradients g, of the layer-k
         output gradient its patterns allow (``output_maps``) outside layer k's column space;
         that g (unit norm) and the direction it gives (R, H_k)."""
-        D = self.output_maps(x, k)
+        return self._rayleigh(self.output_maps(x, k), k)
+
+    def _rayleigh(self, D: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         U = self.col(k)
         G = D - U @ (U.T @ D)  # D outside the column space (U is H x rank: cheaper than U U^T D)
         # generalised Rayleigh quotient min_g |G g|^2 / |D g|^2
@@ -262,6 +295,33 @@ class _Search:
         g = (inv.transpose(1, 2) @ evecs[..., :1])[..., 0]
         g = g / g.norm(dim=1, keepdim=True)
         return evals[:, 0].clamp_min(0.0), g, (D @ g[..., None])[..., 0]
+
+    def directions(self, x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Candidate output gradients of each x at layer k: residuals (R, c), output gradients
+        g (R, c, O) and the directions they give (R, c, H_k). One-hot outputs: each output on
+        its own (c = O; two samples in one cell that took different actions give one candidate
+        each, where the Rayleigh quotient would return a mixture); otherwise the best g (c = 1)."""
+        return self.map_directions(self.output_maps(x, k), k)
+
+    def map_directions(self, D: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``directions`` for given maps D (R, H_k, O)."""
+        if not self.one_hot:
+            r, g, u = self._rayleigh(D, k)
+            return r[:, None], g[:, None], u[:, None]
+        U = self.col(k)
+        W = U.T @ D  # (R, rank, O): the directions' coordinates in the column basis
+        G = D - U @ W
+        u2 = (D**2).sum(1).clamp_min(1e-300)
+        # A term with a small singular value has a direction the payload's rounding blurs more
+        # (by about noise / sigma_i): each coordinate's share of the tolerance follows it, so
+        # the weak terms of a batch (small TD errors) pass the test they would fail at float
+        # resolution, and the strong ones are held to it.
+        _, sv, _ = self.svd[k]
+        noise = float(sv[self.rank[k]]) if self.rank[k] < len(sv) else 0.0
+        blur = ((W * (10.0 * noise / sv[: self.rank[k]].clamp_min(1e-300))[:, None]) ** 2).sum(1) / u2
+        r = (G**2).sum(1) / u2 * (self.tol / (self.tol + blur))
+        eye = torch.eye(D.shape[2], dtype=torch.float64).expand(D.shape[0], -1, -1)
+        return r, eye, D.transpose(1, 2)
 
 
 def recover_exact(
@@ -277,12 +337,14 @@ def recover_exact(
     max_rounds: int = 6,
     tol: float = 1e-9,
     probes: int = 8192,
+    one_hot: bool = False,
 ) -> ExactResult:
     """Up to n states certified from the update (see the module docstring).
 
     ``gradient`` is keyed like ``params`` (FedSGD: the gradient; FedAvg with one local step:
     -delta / lr). ``box`` (low, high) bounds the observation (flattened); starts are drawn in it.
-    ``starts`` (m, d) are extra starting points. Deterministic for a given seed.
+    ``starts`` (m, d) are extra starting points. ``one_hot``: every sample's output gradient
+    is non-zero at one output only (DQN's TD loss). Deterministic for a given seed.
     """
     chain = Chain(model, params, gradient)
     n_out = chain.layers[-1].weight.shape[0]
@@ -308,11 +370,15 @@ def recover_exact(
     stats: dict[str, float] = {}
     rounds = 0
     first: _Search | None = None
-    pool: list[Tensor] = []  # every candidate point seen, for the first-layer completion
+    # every candidate point seen, for the first-layer completion; first the inputs the first
+    # layer's gradient gives unit by unit (``dL/dW_j / dL/db_j``: weighted sums of the samples'
+    # inputs, so on a trained network most lie among them, in cells the samples share)
+    pool: list[Tensor] = [_unit_ratios(grads[0])]
+    enumerated: Terms | None = None
     for rounds in range(1, max_rounds + 1):
         if remaining == 0:
             break
-        search = _Search(chain, grads, remaining, floor)
+        search = _Search(chain, grads, remaining, floor, one_hot, tol)
         if search.rank[0] == 0:
             break
         if first is None:
@@ -327,7 +393,10 @@ def recover_exact(
         # pattern candidates: the Newton points, and points of this round's first-layer subspace
         probe = low + (high - low) * torch.rand(probes if rounds == 1 else restarts, chain.in_dim, generator=gen, dtype=torch.float64)
         pool += [x_newton, search.project(torch.cat([x0, probe]))]
-        complete = _complete_first_layer(first, torch.cat(pool + found_x), tol, gen)
+        if rounds == 1:
+            enumerated = _pattern_directions(first, pool[0], tol)
+            stats["patterns_enumerated"] = float(len(enumerated))
+        complete = _complete_first_layer(first, torch.cat(pool + found_x), tol, gen, dirs=enumerated)
         if complete:
             # all of the update's first-layer terms at once, from the original gradient
             stats[f"round{rounds}_completed"] = float(len(complete))
@@ -354,10 +423,135 @@ def recover_exact(
     return ExactResult(torch.cat(found_x).float().numpy(), torch.cat(found_g).numpy(), left, rounds, stats)
 
 
+def _pattern_directions(search: _Search, points: Tensor, tol: float, max_flips: int = 12) -> Terms:
+    """Directions of the first layer's rank-one terms enumerated from ReLU patterns, for updates
+    whose samples share most of their patterns (a trained network: most units dead or always on
+    across the batch, a few cut through it). Returns unit directions (c, H) in the column space.
+
+    The term of sample i has direction ``u_i = D(m_i) g_i``: the map its patterns give (see
+    ``pattern_maps``) times its output gradient. Where the last hidden layer separates only
+    k < r groups of samples (same action and deeper patterns; their output gradients there are
+    parallel), that layer is disaggregated first: its k directions are enumerated from the
+    deeper patterns of the attacker's points and the actions, and solving for its inputs gives
+    each group's weighted sum of first-layer outputs, whose zeros are the units off for the whole
+    group. Inside a group, only the units whose rows of the first layer's column basis lie off
+    the k-dimensional subspace the other units' rows share (a robust fit: they stand out by
+    orders of magnitude) can differ between samples; every on/off pattern of those is a
+    candidate, kept where its direction lies in the column space. The samples' patterns are
+    among them; what else passes (pattern combinations) the completion sorts out."""
+    r, last = search.rank[0], search.last_hidden
+    k = search.rank[last]
+    none = Terms.empty(search)
+    if r == 0 or 0 not in search.row or not 0 < k < r or not len(points):
+        return none
+    U = search.col(0)
+    norms = U.norm(dim=1)
+    live = norms > 1e-9 * norms.max()
+    within = torch.zeros(len(U), dtype=torch.bool)
+    within[torch.nonzero(live).flatten()[_off_subspace(U[live] / norms[live, None], k)]] = True
+    _, pre = search.chain.forward(points)
+    masks = [(z > 0).double() for z in pre[:-1]]
+    groups = _groups(search, masks, tol) if last == 1 else []
+    if not groups:  # the points' shared first-layer pattern, every deeper pattern and output
+        first = masks[0].mean(0) > 0.5
+        within |= masks[0].any(0).bool() & ~masks[0].all(0).bool() & live
+        deeper = torch.unique(torch.cat(masks[1:], dim=1), dim=0)[:8]
+        groups = [(first, list(torch.split(row, [m.shape[1] for m in masks[1:]])), None) for row in deeper]
+    found = []
+    for on, deep, action in groups:
+        units = torch.nonzero(within & on).flatten()
+        if len(units) > max_flips:
+            continue
+        flips = torch.cartesian_prod(*([torch.tensor([0.0, 1.0], dtype=torch.float64)] * len(units))).reshape(-1, len(units)) if len(units) else torch.zeros(1, 0, dtype=torch.float64)
+        first = on.double().expand(len(flips), -1).clone()
+        first[:, units] = flips
+        masks_f = [first] + [d.expand(len(flips), -1) for d in deep]
+        D = search.pattern_maps(masks_f, 0)
+        if action is not None:
+            D = D[..., action : action + 1]
+        res, g, u = search.map_directions(D, 0)
+        if action is not None:  # the one output, as a full output gradient
+            g = torch.zeros(*g.shape[:2], search.n_out, dtype=torch.float64).index_fill_(2, torch.tensor([action]), 1.0)
+        f, c = torch.nonzero(res < tol, as_tuple=True)
+        u = u[f, c]
+        found.append(Terms(u / u.norm(dim=1, keepdim=True).clamp_min(1e-300), [m[f] for m in masks_f], g[f, c]))
+    return Terms.cat(found) if found else none
+
+
+def _groups(search: _Search, masks: list[Tensor], tol: float) -> list[tuple[Tensor, list[Tensor], int | None]]:
+    """The k groups the last hidden layer (here the second) separates, as (first-layer units on
+    for some sample of the group, [the group's second-layer pattern], its output or None): its
+    k directions from the points' second-layer patterns, then its inputs by least squares
+    (each row a weighted sum of the group's first-layer outputs: zero where the whole group is
+    off). Empty unless exactly k independent directions are found."""
+    k = search.rank[1]
+    patterns = torch.unique(masks[1], dim=0)
+    res, g, u = search.map_directions(search.pattern_maps([masks[0][:1].expand(len(patterns), -1), patterns], 1), 1)
+    which, outs = torch.nonzero(res < tol, as_tuple=True)
+    dirs: list[Tensor] = []
+    keys: list[tuple[int, int]] = []
+    for p, o in zip(which.tolist(), outs.tolist()):
+        v = u[p, o] / u[p, o].norm()
+        if all(float((v @ w).abs()) < 1.0 - 1e-6 for w in dirs):
+            dirs.append(v)
+            keys.append((p, o))
+    if len(dirs) != k or not _full_rank(torch.stack(dirs)):
+        return []
+    rows = lstsq(torch.stack(dirs).T, search.grads[1])  # (k, H_1 + 1): t_g [sum of outputs, count]
+    mean = rows[:, :-1] / torch.where(rows[:, -1:].abs() < 1e-300, torch.ones_like(rows[:, -1:]), rows[:, -1:])
+    out = []
+    for (p, o), h in zip(keys, mean):
+        on = h.abs() > 1e-6 * h.abs().max().clamp_min(1e-300)
+        out.append((on, [patterns[p][None]], o if search.one_hot else None))
+    return out
+
+
+def _off_subspace(rows: Tensor, k: int, iterations: int = 5, trials: int = 64) -> Tensor:
+    """Indices of the rows (m, r) that lie off the k-dimensional subspace most rows lie in.
+    The few rows off it can carry the largest norms and would pull a plain fit towards them,
+    so the first fit is the span of k rows that most rows lie near (random draws, fixed seed);
+    then iterated fits on the rows below the widest gap (at least 100x) in their residuals."""
+    if len(rows) <= k:
+        return torch.zeros(0, dtype=torch.long)
+    rng = np.random.default_rng(0)
+    best, inside = -1, torch.ones(len(rows), dtype=torch.bool)
+    for _ in range(trials):
+        q, _ = torch.linalg.qr(rows[torch.as_tensor(rng.choice(len(rows), k, replace=False))].T)
+        near = (rows - (rows @ q) @ q.T).norm(dim=1) < 1e-3
+        if int(near.sum()) > best:
+            best, inside = int(near.sum()), near
+    if best <= k:
+        inside = torch.ones(len(rows), dtype=torch.bool)
+    for _ in range(iterations):
+        _, _, vh = torch.linalg.svd(rows[inside], full_matrices=False)
+        q = vh[:k].T
+        res = torch.log10((rows - (rows @ q) @ q.T).norm(dim=1).clamp_min(1e-300))
+        srt, _ = torch.sort(res)
+        half = len(srt) // 2  # the rows off the subspace are a minority
+        gaps = srt[half + 1 :] - srt[half:-1]
+        if not len(gaps) or float(gaps.max()) < 2.0:
+            return torch.zeros(0, dtype=torch.long)
+        cut = float(srt[half + int(gaps.argmax())])
+        new = res <= cut
+        if bool((new == inside).all()):
+            break
+        inside = new
+    return torch.nonzero(~inside).flatten()
+
+
+def _unit_ratios(g: Tensor) -> Tensor:
+    """``g[j, :-1] / g[j, -1]`` for the units j whose bias gradient is not zero."""
+    b = g[:, -1]
+    units = torch.nonzero(b.abs() > 1e-9 * b.abs().max().clamp_min(1e-300)).flatten()
+    return g[units, :-1] / b[units, None]
+
+
 def _newton_certified(search: _Search, x: Tensor, tol: float, limit: int) -> list[tuple[Tensor, Tensor]]:
     """Newton fixed points with zero residual in every row space, whose output gradient passes
     the last hidden layer's column test; chosen pairwise biorthogonal (module docstring)."""
-    if search.rank[search.last_hidden] == 0:
+    if search.rank[search.last_hidden] == 0 or not search.deep:
+        # without a deeper row space every point of the first layer's subspace is a fixed point:
+        # nothing to certify one point by (the completion alone can)
         return []
     r_row = search.residuals(x)
     ok = torch.isfinite(r_row) & (r_row < tol)
@@ -369,7 +563,7 @@ def _newton_certified(search: _Search, x: Tensor, tol: float, limit: int) -> lis
     return _select(search, x[ok], g_dir[ok], r_row[ok] + r_col[ok], limit, max(1e-4, 10.0 * tol**0.5))
 
 
-def _complete_first_layer(search: _Search, x: Tensor, tol: float, gen: torch.Generator | None = None, swaps: int = 300) -> list[tuple[Tensor, Tensor]]:
+def _complete_first_layer(search: _Search, x: Tensor, tol: float, gen: torch.Generator | None = None, swaps: int = 300, dirs: Terms | None = None) -> list[tuple[Tensor, Tensor]]:
     """SPEAR's completion: once the output-gradient directions of all r rank-one terms of the
     first layer's gradient are known (from candidates whose patterns pass the first layer's
     column test), the inputs follow by least squares, ``[t_i x_i, t_i] = (U^+ M)_i``; every
@@ -383,44 +577,89 @@ def _complete_first_layer(search: _Search, x: Tensor, tol: float, gen: torch.Gen
     r = search.rank[0]
     if r == 0 or 0 not in search.row:
         return []
-    r_col, _, u = search.column_test(x, 0)
-    ok = torch.nonzero(r_col < tol).flatten()
-    u = u[ok] / u[ok].norm(dim=1, keepdim=True)
+    terms = Terms.of_points(search, x, tol)
+    if dirs is not None:
+        terms = Terms.cat([dirs, terms])
     same = 1.0 - max(1e-6, tol)
-    cand: list[Tensor] = []
+    cand: list[int] = []  # one term per direction
     hits: list[int] = []
-    for v in u:
+    for t, v in enumerate(terms.u):
         if cand:
-            c = (torch.stack(cand) @ v).abs()
+            c = (terms.u[cand] @ v).abs()
             j = int(c.argmax())
             if float(c[j]) >= same:
                 hits[j] += 1
                 continue
-        cand.append(v)
+        cand.append(t)
         hits.append(1)
     if len(cand) < r:
         return []
-    C = torch.stack(cand)  # (c, H)
+    terms = terms.take(torch.tensor(cand))
+    C = terms.u  # (c, H)
     order = sorted(range(len(cand)), key=lambda i: -hits[i])
     chosen = _independent(C, order, r)
     if chosen is None:
         return []
     rng = np.random.default_rng(0 if gen is None else int(torch.randint(2**31 - 1, (1,), generator=gen)))
+    deep_tol = 1e-5 * max(1.0, (tol / 1e-9) ** 0.5)
+    fallback: list[tuple[Tensor, Tensor]] = []  # the first set whose every term passed its own test
+    partial: list[tuple[Tensor, Tensor]] = []  # the terms that passed in the best set that reproduces the update
     for _ in range(max(1, swaps)):
         U = C[chosen].T  # (H, r)
         W = lstsq(U, search.grads[0])  # (r, d+1): rows t_i [x_i, 1]
         scale = W[:, -1]
         xs = W[:, :-1] / torch.where(scale.abs() < 1e-300, torch.ones_like(scale), scale)[:, None]
-        r2, g_dir, u2 = search.column_test(xs, 0)
-        cos = (u2 / u2.norm(dim=1, keepdim=True) * U.T).sum(1)
+        r_all, g_all, u_all = search.directions(xs, 0)
+        # each solved input's candidate that is closest to its slot's direction
+        cos_all = torch.einsum("rch,hr->rc", u_all / u_all.norm(dim=2, keepdim=True).clamp_min(1e-300), U)
+        pick = torch.where(r_all < tol, cos_all.abs(), cos_all.abs() - 2.0).argmax(1)
+        at = torch.arange(r)
+        r2, g_dir, u2, cos = r_all[at, pick], g_all[at, pick], u_all[at, pick], cos_all[at, pick]
         good = (r2 < tol) & (cos.abs() > same) & (scale.abs() >= 1e-300)
-        if bool(good.all()):
-            # output gradient at its scale: delta_i = t_i U_i, U_i = sign * D(x_i) g_dir_i / |D(x_i) g_dir_i|
-            g = g_dir * (scale * torch.sign(cos) / u2.norm(dim=1))[:, None]
-            return [(xs[i], g[i]) for i in range(r)]
-        if len(cand) == r:
-            return []
+        # output gradient at its scale: delta_i = t_i U_i, U_i = sign * D(x_i) g_dir_i / |D(x_i) g_dir_i|
+        g = g_dir * (scale * torch.sign(cos) / u2.norm(dim=1))[:, None]
+        # The chosen terms, each with the patterns and output it was found with, must
+        # reproduce every layer's gradient of the update, not only the first layer's (which
+        # they do by construction): directions of pattern combinations give inputs that can
+        # each lie in their slot's cell, off the samples, and pass the per-term test. A set
+        # that does is the update's decomposition; each term whose input lies in its own cell
+        # is a sample. One that does not is a weighted sum of samples the update cannot split
+        # (one term, weights of both signs: the point lies outside their cell).
+        if _terms_residual(search, terms.take(torch.tensor(chosen)), W) < deep_tol:
+            if bool(good.all()):
+                return [(xs[i], g[i]) for i in range(r)]
+            if int(good.sum()) > len(partial):
+                partial = [(xs[i], g[i]) for i in torch.nonzero(good).flatten().tolist()]
+        elif bool(good.all()):
+            # kept unless a set that reproduces every layer turns up (terms of samples whose
+            # directions nearly coincide leave more than the payload's noise in the deeper
+            # layers: the first layer's rank merges them)
+            fallback = fallback or [(xs[i], g[i]) for i in range(r)]
+            good[:] = False
+        # A chosen direction that no sample has (a pattern combination) still solves to a true
+        # input: the slot of u' = u_k + u_l - u_i (one action, patterns adding up) solves to
+        # x_i, and x_i's own direction is u_i. Where a solved input passes the column test with
+        # a direction other than its slot's, that direction takes the slot (a fixed-point step).
+        moved = False
+        for i in torch.nonzero((r2 < tol) & (cos.abs() <= same)).flatten().tolist():
+            v = u2[i] / u2[i].norm()
+            c = (C @ v).abs()
+            j = int(c.argmax())
+            if float(c[j]) < same:
+                terms = Terms.cat([terms, Terms.of_points(search, xs[i : i + 1], tol, keep=(pick[i : i + 1], v[None]))])
+                C = terms.u
+                hits.append(0)
+                j = len(C) - 1
+            keep = chosen[:i] + chosen[i + 1 :]
+            if j not in chosen and _full_rank(C[keep + [j]]):
+                chosen[i] = j
+                moved = True
+        if moved:
+            continue
+        if len(C) == r:
+            return fallback or partial
         # swap one failing member for an unused candidate that keeps the set independent
+        order = sorted(range(len(C)), key=lambda i: -hits[i])
         bad = [chosen[i] for i in torch.nonzero(~good).flatten().tolist()]
         out = bad[int(rng.integers(len(bad)))]
         unused = [i for i in order if i not in chosen]
@@ -432,8 +671,70 @@ def _complete_first_layer(search: _Search, x: Tensor, tol: float, gen: torch.Gen
                 chosen = keep + [j]
                 break
         else:
-            return []
-    return []
+            return fallback or partial
+    return fallback or partial
+
+
+@dataclass
+class Terms:
+    """Candidate rank-one terms of the first layer's gradient: unit directions u (c, H), the
+    ReLU patterns they come from (one (c, H_l) tensor per hidden layer) and the output
+    gradient g (c, O, unit scale) the patterns map to u."""
+
+    u: Tensor
+    masks: list[Tensor]
+    g: Tensor
+
+    @staticmethod
+    def empty(search: _Search) -> "Terms":
+        hidden = [layer.weight.shape[0] for layer in search.chain.layers[:-1]]
+        z = torch.zeros(0, dtype=torch.float64)
+        return Terms(z.new_zeros(0, hidden[0]), [z.new_zeros(0, h) for h in hidden], z.new_zeros(0, search.n_out))
+
+    @staticmethod
+    def cat(parts: list["Terms"]) -> "Terms":
+        return Terms(torch.cat([p.u for p in parts]), [torch.cat(m) for m in zip(*[p.masks for p in parts])], torch.cat([p.g for p in parts]))
+
+    def __len__(self) -> int:
+        return len(self.u)
+
+    def take(self, idx: Tensor) -> "Terms":
+        return Terms(self.u[idx], [m[idx] for m in self.masks], self.g[idx])
+
+    @staticmethod
+    def of_points(search: _Search, x: Tensor, tol: float, keep: tuple[Tensor, Tensor] | None = None) -> "Terms":
+        """The terms points x give at the first layer (``directions``) that pass its column
+        test; ``keep`` (candidate index per point, direction) takes the given ones instead."""
+        _, pre = search.chain.forward(x)
+        masks = [(z > 0).double() for z in pre[:-1]]
+        r, g, u = search.directions(x, 0)
+        if keep is not None:
+            p = torch.arange(len(x))
+            return Terms(keep[1], masks, g[p, keep[0]])
+        p, c = torch.nonzero(r < tol, as_tuple=True)
+        u = u[p, c]
+        return Terms(u / u.norm(dim=1, keepdim=True).clamp_min(1e-300), [m[p] for m in masks], g[p, c])
+
+
+def _terms_residual(search: _Search, terms: Terms, W: Tensor) -> float:
+    """The largest relative residual, over layers, of every layer's gradient of the update
+    that the first layer's terms (directions ``terms.u``, rows ``W`` (r, d+1) of the
+    least-squares solution) give when each term is taken as samples that share its patterns and
+    output: on one ReLU cell every layer's input is affine in the input, so the term's weighted
+    sums ``sum_s c_s [a_l(x_s), 1]`` follow from its row alone, whatever the samples' weights."""
+    layers = search.chain.layers
+    delta = search.pattern_maps(terms.masks, 0) @ terms.g[..., None]  # (r, H, 1)
+    delta = delta[..., 0]
+    scale = torch.sign((delta * terms.u).sum(1)) / delta.norm(dim=1).clamp_min(1e-300)
+    y = W * scale[:, None]  # sum_s c_s [x_s, 1] for each term
+    worst = 0.0
+    for j, (layer, grad) in enumerate(zip(layers, search.grads)):
+        d = terms.g if j == len(layers) - 1 else (search.pattern_maps(terms.masks, j) @ terms.g[..., None])[..., 0]
+        worst = max(worst, float((grad - d.T @ y).norm()) / max(float(grad.norm()), 1e-300))
+        if j < len(layers) - 1:
+            z = y[:, :-1] @ layer.weight.T + y[:, -1:] * layer.bias
+            y = torch.cat([terms.masks[j] * z, y[:, -1:]], dim=1)
+    return worst
 
 
 def _independent(C: Tensor, order: list[int], r: int) -> list[int] | None:
