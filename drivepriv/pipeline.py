@@ -27,7 +27,7 @@ from drivepriv.envs import make_codec, make_env
 from drivepriv.errors import ConfigError
 from drivepriv.federation.defenses import DefenseStack
 from drivepriv.federation.inprocess import GroundTruth, ServerView, evaluate_policy, resolve_attacked, run_federation
-from drivepriv.metrics.identifiability import separable_transitions
+from drivepriv.metrics.identifiability import determined_transitions, separable_transitions
 from drivepriv.metrics.scores import Truth, score
 from drivepriv.metrics.vector import score_vector, vector_metric_columns
 from drivepriv.parallel import Background, fan_out, ray_fan_out
@@ -60,7 +60,7 @@ METRIC_COLUMNS = [
 #: Columns every backend's metrics.csv ends with: what the update can determine (the truth-side
 #: ceiling of :mod:`drivepriv.metrics.identifiability` and the update's first-layer rank) and how
 #: many states the attack certified from it (rgia-k; NaN for the others).
-IDENTIFIABILITY_COLUMNS = ["identifiable", "update_rank", "states_certified"]
+IDENTIFIABILITY_COLUMNS = ["identifiable", "determined", "update_rank", "states_certified"]
 
 @dataclass
 class RunResult:
@@ -404,6 +404,7 @@ def attack_and_report(
         truth_residual = residual_of(truth.states, truth.actions, truth.next_states)
         ceiling = {
             "identifiable": separable_transitions(model, view.params, truth.states, None if continuous else truth.actions),
+            "determined": determined_transitions(model, view.params, truth.states, None if continuous else truth.actions),
             "update_rank": update_rank(inp),
         }
         rows, timings = [], []

@@ -41,7 +41,7 @@ from drivepriv.attacks import make_attack
 from drivepriv.attacks.catalogue import complete_from_states
 from drivepriv.config import apply_overrides, parse_override
 from drivepriv.federation.inprocess import Client, GroundTruth, Server, ServerView, local_payload, setup
-from drivepriv.metrics.identifiability import separable_transitions
+from drivepriv.metrics.identifiability import determined_transitions, separable_transitions
 from drivepriv.pipeline import _truth, attack_input, build_priors, score_any, update_rank
 from drivepriv.scenarios import load_scenario
 from drivepriv.seeding import derive_seed, numpy_rng
@@ -108,6 +108,8 @@ def run_one(scenario: str, seed: int, width: int, args: argparse.Namespace, prio
                         inp = attack_input(server.model, view, priors, obs_shape, algorithm.actions.n)
                         n = len(truth.actions)
                         ceiling = separable_transitions(server.model, view.params, truth.states, truth.actions) / n
+                        # FedSGD only: a FedAvg delta's terms come from K parameter versions
+                        determined = determined_transitions(server.model, view.params, truth.states, truth.actions) / n if strategy == "fedsgd" else float("nan")
                         rank = update_rank(inp)
                         for name in [*args.attacks, *(["chance"] if args.chance else [])]:
                             attack_seed = derive_seed(seed, "bench-realistic", name, rnd, c.cid, strategy, b, k)
@@ -121,7 +123,7 @@ def run_one(scenario: str, seed: int, width: int, args: argparse.Namespace, prio
                                 "scenario": scenario, "width": width, "after": rnd, "strategy": strategy, "batch_size": b,
                                 "local_steps": k, "n": n, "attack": name, "seed": seed, "client": c.cid,
                                 "ego_within_1m": m["ego_within_1m"], "ego_pos_err_m": m["ego_pos_err_m"],
-                                "identifiable": ceiling, "update_rank": rank,
+                                "identifiable": ceiling, "determined": determined, "update_rank": rank,
                                 "states_certified": rec.extra.get("states_found", float("nan")), "time_s": rec.time_s,
                             }
                             rows.append(row)
@@ -157,11 +159,12 @@ def update_label(strategy: str, b: int, k: int) -> str:
 def table(df: pd.DataFrame) -> str:
     """Per scenario, width, update and attack: by round, the share of egos within 1 m (mean over
     seeds and clients; in brackets the lowest and highest seed mean), the ceiling (the share of
-    transitions no other one merges with: same action and every ReLU pattern) and the terms (the
+    transitions no other one merges with: same action and every ReLU pattern; FedSGD: and the
+    share the update determines, see drivepriv.metrics.identifiability) and the terms (the
     first layer's rank over the transitions: how many separate rank-one terms the update
     carries per transition); the median ego error and time per attack over all rounds."""
     rounds = sorted(df["after"].unique())
-    head = ["scenario", "width", "update", "attack"] + [f"after {r}: within 1 m [seeds] (ceiling, terms)" for r in rounds]
+    head = ["scenario", "width", "update", "attack"] + [f"after {r}: within 1 m [seeds] (ceiling, determined, terms)" for r in rounds]
     head += ["median ego error (m)", "time (s)", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     df = df.assign(_cell=list(zip(df["strategy"].map({"fedsgd": 0, "fedavg": 1}), df["batch_size"], df["local_steps"])))
@@ -177,7 +180,9 @@ def table(df: pd.DataFrame) -> str:
                 continue
             by_seed = h.groupby("seed")["ego_within_1m"].mean()
             terms = (h["update_rank"] / h["n"]).mean()
-            row.append(f"{h['ego_within_1m'].mean():.2f} [{by_seed.min():.2f}, {by_seed.max():.2f}] ({h['identifiable'].mean():.2f}, {terms:.2f})")
+            det = h["determined"].mean() if "determined" in h else float("nan")  # CSVs from before the column
+            det_s = "-" if np.isnan(det) else f"{det:.2f}"
+            row.append(f"{h['ego_within_1m'].mean():.2f} [{by_seed.min():.2f}, {by_seed.max():.2f}] ({h['identifiable'].mean():.2f}, {det_s}, {terms:.2f})")
         row += [f"{g['ego_pos_err_m'].median():.3g}", f"{g['time_s'].median():.2f}", ",".join(str(s) for s in sorted(g["seed"].unique()))]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

@@ -35,7 +35,7 @@ from drivepriv.attacks import make_attack
 from drivepriv.attacks.exact import Chain, layer_ranks
 from drivepriv.config import apply_overrides, parse_override
 from drivepriv.federation.inprocess import resolve_attacked, run_federation
-from drivepriv.metrics.identifiability import separable_transitions
+from drivepriv.metrics.identifiability import determined_transitions, separable_transitions
 from drivepriv.metrics.scores import score
 from drivepriv.pipeline import _truth, attack_input, build_priors
 from drivepriv.scenarios import load_scenario
@@ -74,6 +74,7 @@ def batch_diagnostics(model, view, truth) -> dict[str, float]:
     dist = np.linalg.norm(flat[:, None] - flat[None], axis=-1) + np.eye(n)
     out["duplicate_pairs"] = float((dist < 1e-7).sum() / 2)
     out["identifiable"] = separable_transitions(model, view.params, truth.states, truth.actions)
+    out["determined"] = determined_transitions(model, view.params, truth.states, truth.actions)
     return out
 
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "diagnose.csv", index=False, float_format="%.4g")
-    cols = ["round", "client", "n", "L1_rank", "L2_rank", "L1_noise", "L1_dead_units", "L1_always_on_units", "L2_dead_units", "L2_always_on_units", "td_abs_min", "td_abs_max", "huber_saturated", "duplicate_pairs", "identifiable", "certified", "ego_within_1m", "ego_err_m", "time_s"]
+    cols = ["round", "client", "n", "L1_rank", "L2_rank", "L1_noise", "L1_dead_units", "L1_always_on_units", "L2_dead_units", "L2_always_on_units", "td_abs_min", "td_abs_max", "huber_saturated", "duplicate_pairs", "identifiable", "determined", "certified", "ego_within_1m", "ego_err_m", "time_s"]
     md = markdown(table[[c for c in cols if c in table.columns]])
     (out / "diagnose.md").write_text(f"{args.scenario}, seed {cfg.seed}, rounds {args.rounds}; {time.perf_counter() - t0:.0f} s\n\n{md}\n")
     print(md)

@@ -324,3 +324,21 @@ def test_rgia_k_recovers_a_trained_like_network_whose_samples_share_patterns():
     m, _ = score(truth, rec.states, rec.actions, rec.rewards, rec.next_states, codec)
     assert rec.extra["states_found"] == 8
     assert m["ego_within_1m"] == 1.0 and m["ego_pos_err_m"] < 1e-2, m
+
+
+def test_determined_transitions_bound_what_the_update_fixes():
+    """``determined`` (metrics side, with the truth) counts the transitions whose term no other
+    batch with the same patterns can change without changing the update: all of an untrained
+    network's batch; on a trained-like network where two units cut through the batch, every
+    transition has its own (action, patterns) but the terms' directions are dependent (a unit's
+    flip adds the same direction in every group), and fewer are determined; duplicates never."""
+    from drivepriv.metrics.identifiability import determined_transitions, separable_transitions
+
+    inp, truth, _ = setup_case(8, seed=1, hidden=(256, 256), replay=True)
+    assert determined_transitions(inp.model, inp.params, truth.states, truth.actions) == 8
+    s, a = truth.states.copy(), truth.actions.copy()
+    s[7], a[7] = s[6], a[6]
+    assert determined_transitions(inp.model, inp.params, s, a) == separable_transitions(inp.model, inp.params, s, a) == 6
+    inp, truth, _ = setup_case(8, seed=6, replay=True, model=trained_like_network(6, cutting=2))
+    assert separable_transitions(inp.model, inp.params, truth.states, truth.actions) == 8
+    assert determined_transitions(inp.model, inp.params, truth.states, truth.actions) == 3

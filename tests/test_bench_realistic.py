@@ -68,6 +68,8 @@ def test_bench_writes_every_cell(tmp_path):
     assert set(df["after"]) == {0, 1} and set(df["width"]) == {16}
     assert set(df.loc[df["strategy"] == "fedavg", "n"]) == {8} and set(df.loc[df["strategy"] == "fedsgd", "n"]) == {4}
     assert df["ego_within_1m"].between(0, 1).all() and df["identifiable"].between(0, 1).all()
+    sgd = df[df["strategy"] == "fedsgd"]
+    assert (sgd["determined"] <= sgd["identifiable"]).all() and df.loc[df["strategy"] == "fedavg", "determined"].isna().all()
     assert (df["update_rank"] <= df["n"]).all()
     md = (tmp_path / "realistic.md").read_text()
     assert "FedAvg K=2 B=4" in md and "FedSGD B=4" in md and "| chance |" in md

@@ -36,3 +36,60 @@ def separable_transitions(model: nn.Module, params: dict[str, Tensor], states: n
     for k in keys:
         counts[k] = counts.get(k, 0) + 1
     return float(sum(1 for k in keys if counts[k] == 1))
+
+
+def determined_transitions(model: nn.Module, params: dict[str, Tensor], states: np.ndarray, actions: np.ndarray | None, tol: float = 1e-6) -> float:
+    """The transitions the update determines, a tighter upper bound than
+    :func:`separable_transitions`: those whose (action, patterns) no other one shares and whose
+    rank-one terms no other batch with the same patterns can change without changing the update.
+
+    With every sample's patterns fixed, the update is linear in the terms' weighted sums
+    ``y_j = sum_s c_s [x_s, 1]`` (one term per (action, patterns) class, ``c_s`` its output
+    gradient's scale, free since the TD target is): layer l's gradient is
+    ``sum_j delta_l^j (A_l^j y_j)^T``, with ``delta_l^j`` the class's output gradient mapped to
+    layer l and ``A_l^j`` the affine map its patterns give from the input to layer l's input.
+    A direction in that map's kernel that moves ``y_j`` moves sample j (inside its cell) and
+    leaves the update as it is: j is then provably not determined. Measured on the kernel of the
+    column-normalised Gram matrix, at relative singular values below ``tol``. NaN where
+    :func:`separable_transitions` is."""
+    try:
+        chain = Chain(model, params, {k: torch.zeros_like(v) for k, v in params.items()})
+    except (ValueError, KeyError):
+        return float("nan")
+    if not chain.piecewise_linear or actions is None or np.asarray(actions).ndim != 1:
+        return float("nan")
+    x = torch.as_tensor(np.asarray(states, dtype=np.float64).reshape(len(states), -1))
+    if x.shape[1] != chain.in_dim:
+        return float("nan")
+    _, pre = chain.forward(x)
+    masks = [(z > 0).double() for z in pre[:-1]]
+    keys = [(int(a), torch.cat(m_s).bool().numpy().tobytes()) for a, *m_s in zip(np.asarray(actions), *masks)]
+    classes: dict[tuple[int, bytes], list[int]] = {}
+    for i, k in enumerate(keys):
+        classes.setdefault(k, []).append(i)
+    reps = [members[0] for members in classes.values()]
+    m, d1 = len(reps), chain.in_dim + 1
+    layers = chain.layers
+    # per class: the output gradient mapped to every layer, and the affine map to its input
+    g = torch.zeros(m, layers[-1].weight.shape[0], dtype=torch.float64)
+    g[torch.arange(m), torch.as_tensor([keys[i][0] for i in reps])] = 1.0
+    deltas = [g]
+    for j in range(len(layers) - 2, -1, -1):
+        deltas.insert(0, masks[j][reps] * (deltas[0] @ layers[j + 1].weight))
+    A = torch.eye(d1, dtype=torch.float64).expand(m, -1, -1)
+    gram = torch.zeros(m * d1, m * d1, dtype=torch.float64)
+    for j, layer in enumerate(layers):
+        inner = deltas[j] @ deltas[j].T  # (m, m)
+        blocks = torch.einsum("pq,pki,qkj->piqj", inner, A, A)  # (m, d1, m, d1)
+        gram += blocks.reshape(m * d1, m * d1)
+        if j < len(layers) - 1:
+            step = torch.cat([layer.weight, layer.bias[:, None]], dim=1)  # (H, in+1)
+            z = masks[j][reps][..., None] * torch.einsum("hk,mkd->mhd", step, A)
+            one = torch.zeros(m, 1, d1, dtype=torch.float64)
+            one[:, 0, -1] = 1.0
+            A = torch.cat([z, one], dim=1)
+    scale = gram.diagonal().clamp_min(1e-300).rsqrt()
+    evals, evecs = torch.linalg.eigh(scale[:, None] * gram * scale[None, :])
+    kernel = evecs[:, evals < (tol**2) * evals[-1].clamp_min(1e-300)]  # (m d1, k)
+    moved = kernel.reshape(m, d1, -1).norm(dim=(1, 2)) if kernel.shape[1] else torch.zeros(m, dtype=torch.float64)
+    return float(sum(1 for c, members in enumerate(classes.values()) if len(members) == 1 and float(moved[c]) < 1e-3))

@@ -149,10 +149,11 @@ def strongest_attack(leakage: pd.DataFrame) -> str | None:
 
 def leakage_by_round(metrics: pd.DataFrame) -> pd.DataFrame:
     """Per attack and attacked round: transitions, share of egos within 1 m, median ego error
-    (m), the transitions the update does not merge (``identifiable``: an upper bound on what it
-    determines) and ``states_certified``, summed.
+    (m), the transitions the update does not merge (``identifiable``), those it determines
+    (``determined``: a tighter upper bound on what any attack recovers exactly) and
+    ``states_certified``, summed.
     Empty for observations without an ego position (flat observations)."""
-    cols = ["attack", "round", "transitions", "ego_within_1m", "ego_pos_err_m", "identifiable", "states_certified"]
+    cols = ["attack", "round", "transitions", "ego_within_1m", "ego_pos_err_m", "identifiable", "determined", "states_certified"]
     if metrics.empty or "ego_within_1m" not in metrics.columns:
         return pd.DataFrame(columns=cols)
     m = metrics.assign(transitions=metrics["batch_size"] * metrics["local_steps"])
@@ -166,6 +167,7 @@ def leakage_by_round(metrics: pd.DataFrame) -> pd.DataFrame:
             "ego_within_1m": float((g["ego_within_1m"] * g["transitions"]).sum() / n) if n else float("nan"),
             "ego_pos_err_m": float(g["ego_pos_err_m"].median()),
             "identifiable": float(g["identifiable"].sum()) if "identifiable" in g else float("nan"),
+            "determined": float(g["determined"].sum(min_count=1)) if "determined" in g else float("nan"),
             "states_certified": float(g["states_certified"].sum(min_count=1)) if "states_certified" in g else float("nan"),
         })
     table = pd.DataFrame(rows, columns=cols)

@@ -399,6 +399,8 @@ def plot_by_round(table: pd.DataFrame, path: Path) -> Path:
     first = table.drop_duplicates("round")
     if first["identifiable"].notna().any():
         ax1.plot(first["round"], 100 * first["identifiable"] / first["transitions"], linestyle="--", color="0.4", label="not merged by the update (upper bound)")
+    if "determined" in first and first["determined"].notna().any():
+        ax1.plot(first["round"], 100 * first["determined"] / first["transitions"], linestyle=":", color="0.2", label="determined by the update (upper bound)")
     ax1.set_ylabel("egos within 1 m (%)")
     ax1.set_ylim(-5, 105)
     ax2.set_ylabel("median ego error (m)")
