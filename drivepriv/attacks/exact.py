@@ -722,19 +722,34 @@ def _terms_residual(search: _Search, terms: Terms, W: Tensor) -> float:
     least-squares solution) give when each term is taken as samples that share its patterns and
     output: on one ReLU cell every layer's input is affine in the input, so the term's weighted
     sums ``sum_s c_s [a_l(x_s), 1]`` follow from its row alone, whatever the samples' weights."""
-    layers = search.chain.layers
-    delta = search.pattern_maps(terms.masks, 0) @ terms.g[..., None]  # (r, H, 1)
-    delta = delta[..., 0]
-    scale = torch.sign((delta * terms.u).sum(1)) / delta.norm(dim=1).clamp_min(1e-300)
+    deltas, A = term_system(search.chain, terms.masks, terms.g)
+    scale = torch.sign((deltas[0] * terms.u).sum(1)) / deltas[0].norm(dim=1).clamp_min(1e-300)
     y = W * scale[:, None]  # sum_s c_s [x_s, 1] for each term
     worst = 0.0
-    for j, (layer, grad) in enumerate(zip(layers, search.grads)):
-        d = terms.g if j == len(layers) - 1 else (search.pattern_maps(terms.masks, j) @ terms.g[..., None])[..., 0]
-        worst = max(worst, float((grad - d.T @ y).norm()) / max(float(grad.norm()), 1e-300))
-        if j < len(layers) - 1:
-            z = y[:, :-1] @ layer.weight.T + y[:, -1:] * layer.bias
-            y = torch.cat([terms.masks[j] * z, y[:, -1:]], dim=1)
+    for delta, a, grad in zip(deltas, A, search.grads):
+        worst = max(worst, float((grad - delta.T @ torch.einsum("mkd,md->mk", a, y)).norm()) / max(float(grad.norm()), 1e-300))
     return worst
+
+
+def term_system(chain: Chain, masks: list[Tensor], g: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """The update as a linear map of c terms' weighted sums ``y_j = sum_s c_s [x_s, 1]``, each
+    term a class of samples sharing its ReLU patterns ``masks`` (one (c, H_l) tensor per hidden
+    layer) and output gradient direction ``g`` (c, O): layer l's gradient is
+    ``sum_j delta_l[j] (A_l[j] y_j)^T``. Returns ``delta_l`` (c, out_l), the output gradient
+    mapped to layer l's output, and ``A_l`` (c, in_l + 1, d + 1), the affine map (on the term's
+    cell) from ``[x, 1]`` to ``[layer l's input, 1]``."""
+    layers = chain.layers
+    c, d1 = len(g), chain.in_dim + 1
+    deltas = [g]
+    for j in range(len(layers) - 2, -1, -1):
+        deltas.insert(0, masks[j] * (deltas[0] @ layers[j + 1].weight))
+    A = [torch.eye(d1, dtype=torch.float64).expand(c, -1, -1)]
+    one = torch.zeros(c, 1, d1, dtype=torch.float64)
+    one[:, 0, -1] = 1.0
+    for j, layer in enumerate(layers[:-1]):
+        step = torch.cat([layer.weight, layer.bias[:, None]], dim=1)  # (H, in + 1)
+        A.append(torch.cat([masks[j][..., None] * torch.einsum("hk,mkd->mhd", step, A[-1]), one], dim=1))
+    return deltas, A
 
 
 def _independent(C: Tensor, order: list[int], r: int) -> list[int] | None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from drivepriv.attacks.exact import Chain
+from drivepriv.attacks.exact import Chain, term_system
 
 
 def separable_transitions(model: nn.Module, params: dict[str, Tensor], states: np.ndarray, actions: np.ndarray | None) -> float:
@@ -67,29 +67,28 @@ def determined_transitions(model: nn.Module, params: dict[str, Tensor], states: 
     classes: dict[tuple[int, bytes], list[int]] = {}
     for i, k in enumerate(keys):
         classes.setdefault(k, []).append(i)
-    reps = [members[0] for members in classes.values()]
-    m, d1 = len(reps), chain.in_dim + 1
-    layers = chain.layers
-    # per class: the output gradient mapped to every layer, and the affine map to its input
-    g = torch.zeros(m, layers[-1].weight.shape[0], dtype=torch.float64)
-    g[torch.arange(m), torch.as_tensor([keys[i][0] for i in reps])] = 1.0
-    deltas = [g]
-    for j in range(len(layers) - 2, -1, -1):
-        deltas.insert(0, masks[j][reps] * (deltas[0] @ layers[j + 1].weight))
-    A = torch.eye(d1, dtype=torch.float64).expand(m, -1, -1)
-    gram = torch.zeros(m * d1, m * d1, dtype=torch.float64)
-    for j, layer in enumerate(layers):
-        inner = deltas[j] @ deltas[j].T  # (m, m)
-        blocks = torch.einsum("pq,pki,qkj->piqj", inner, A, A)  # (m, d1, m, d1)
-        gram += blocks.reshape(m * d1, m * d1)
-        if j < len(layers) - 1:
-            step = torch.cat([layer.weight, layer.bias[:, None]], dim=1)  # (H, in+1)
-            z = masks[j][reps][..., None] * torch.einsum("hk,mkd->mhd", step, A)
-            one = torch.zeros(m, 1, d1, dtype=torch.float64)
-            one[:, 0, -1] = 1.0
-            A = torch.cat([z, one], dim=1)
+    reps = torch.as_tensor([members[0] for members in classes.values()])
+    g = torch.zeros(len(reps), chain.layers[-1].weight.shape[0], dtype=torch.float64)
+    g[torch.arange(len(reps)), torch.as_tensor(np.asarray(actions))[reps]] = 1.0
+    deltas, A = term_system(chain, [m[reps] for m in masks], g)
+    moved = term_kernel(term_gram(deltas, A), len(reps), tol)
+    return float(sum(1 for c, members in enumerate(classes.values()) if len(members) == 1 and float(moved[c]) < 1e-3))
+
+
+def term_gram(deltas: list[Tensor], A: list[Tensor]) -> Tensor:
+    """The Gram matrix (c (d+1), c (d+1)) of ``drivepriv.attacks.exact.term_system``'s map."""
+    c, _, d1 = A[0].shape
+    gram = torch.zeros(c * d1, c * d1, dtype=torch.float64)
+    for delta, a in zip(deltas, A):
+        gram += torch.einsum("pq,pki,qkj->piqj", delta @ delta.T, a, a).reshape(c * d1, c * d1)
+    return gram
+
+
+def term_kernel(gram: Tensor, c: int, tol: float) -> Tensor:
+    """Per term, how far its block moves along the kernel of the column-normalised Gram matrix
+    (relative singular values below ``tol``): (c,), zero where the update determines it."""
     scale = gram.diagonal().clamp_min(1e-300).rsqrt()
     evals, evecs = torch.linalg.eigh(scale[:, None] * gram * scale[None, :])
-    kernel = evecs[:, evals < (tol**2) * evals[-1].clamp_min(1e-300)]  # (m d1, k)
-    moved = kernel.reshape(m, d1, -1).norm(dim=(1, 2)) if kernel.shape[1] else torch.zeros(m, dtype=torch.float64)
-    return float(sum(1 for c, members in enumerate(classes.values()) if len(members) == 1 and float(moved[c]) < 1e-3))
+    kernel = evecs[:, evals < (tol**2) * evals[-1].clamp_min(1e-300)]
+    moved = kernel.reshape(c, -1, kernel.shape[1]).norm(dim=(1, 2)) if kernel.shape[1] else torch.zeros(c, dtype=torch.float64)
+    return moved
