@@ -404,7 +404,8 @@ def attack_and_report(
         truth_residual = residual_of(truth.states, truth.actions, truth.next_states)
         ceiling = {
             "identifiable": separable_transitions(model, view.params, truth.states, None if continuous else truth.actions),
-            "determined": determined_transitions(model, view.params, truth.states, None if continuous else truth.actions),
+            # FedSGD only: a FedAvg delta's terms come from K parameter versions
+            "determined": determined_transitions(model, view.params, truth.states, None if continuous else truth.actions) if view.strategy == "fedsgd" else float("nan"),
             "update_rank": update_rank(inp),
         }
         rows, timings = [], []

@@ -426,7 +426,8 @@ def recover_exact(
 def _pattern_directions(search: _Search, points: Tensor, tol: float, max_flips: int = 12) -> Terms:
     """Directions of the first layer's rank-one terms enumerated from ReLU patterns, for updates
     whose samples share most of their patterns (a trained network: most units dead or always on
-    across the batch, a few cut through it). Returns unit directions (c, H) in the column space.
+    across the batch, a few cut through it). Returns the candidate terms (unit directions in the
+    column space, with the patterns and output each comes from).
 
     The term of sample i has direction ``u_i = D(m_i) g_i``: the map its patterns give (see
     ``pattern_maps``) times its output gradient. Where the last hidden layer separates only
@@ -486,7 +487,7 @@ def _groups(search: _Search, masks: list[Tensor], tol: float) -> list[tuple[Tens
     off). Empty unless exactly k independent directions are found."""
     k = search.rank[1]
     patterns = torch.unique(masks[1], dim=0)
-    res, g, u = search.map_directions(search.pattern_maps([masks[0][:1].expand(len(patterns), -1), patterns], 1), 1)
+    res, _, u = search.map_directions(search.pattern_maps([masks[0][:1].expand(len(patterns), -1), patterns], 1), 1)
     which, outs = torch.nonzero(res < tol, as_tuple=True)
     dirs: list[Tensor] = []
     keys: list[tuple[int, int]] = []
@@ -573,7 +574,9 @@ def _complete_first_layer(search: _Search, x: Tensor, tol: float, gen: torch.Gen
     units, pattern combinations such as ``m_k + m_l - m_i`` give directions inside the column
     space that no sample has. A local search then picks r of them (most often hit first) and
     swaps out those whose solved inputs fail the check, until every one passes (or ``swaps``
-    tries). Returns nothing unless all r terms pass."""
+    tries). Returns all r terms where a set passes and reproduces the update; else the terms
+    that passed in the best set that reproduces it (the rest are merged samples), else the
+    first set that passed without reproducing the deeper layers, else nothing."""
     r = search.rank[0]
     if r == 0 or 0 not in search.row:
         return []

@@ -17,25 +17,34 @@ from torch import Tensor, nn
 from drivepriv.attacks.exact import Chain, term_system
 
 
-def separable_transitions(model: nn.Module, params: dict[str, Tensor], states: np.ndarray, actions: np.ndarray | None) -> float:
-    """The number of transitions whose action and ReLU patterns (at ``params``) no other one
-    shares; NaN for networks that are not ReLU chains or for continuous actions."""
+def _pattern_classes(model: nn.Module, params: dict[str, Tensor], states: np.ndarray, actions: np.ndarray | None):
+    """The chain, every hidden layer's ReLU pattern of each transition and its (action,
+    patterns) classes (members in batch order); None for networks that are not ReLU chains,
+    continuous actions or states that do not fit the network."""
     try:
         chain = Chain(model, params, {k: torch.zeros_like(v) for k, v in params.items()})
     except (ValueError, KeyError):
-        return float("nan")
+        return None
     if not chain.piecewise_linear or actions is None or np.asarray(actions).ndim != 1:
-        return float("nan")
+        return None
     x = torch.as_tensor(np.asarray(states, dtype=np.float64).reshape(len(states), -1))
     if x.shape[1] != chain.in_dim:
-        return float("nan")
+        return None
     _, pre = chain.forward(x)
-    patterns = torch.cat([(z > 0) for z in pre[:-1]], dim=1).numpy()
-    keys = [(int(a), p.tobytes()) for a, p in zip(np.asarray(actions), patterns)]
-    counts: dict[tuple[int, bytes], int] = {}
-    for k in keys:
-        counts[k] = counts.get(k, 0) + 1
-    return float(sum(1 for k in keys if counts[k] == 1))
+    masks = [(z > 0).double() for z in pre[:-1]]
+    classes: dict[tuple[int, bytes], list[int]] = {}
+    for i, (a, *m_s) in enumerate(zip(np.asarray(actions), *masks)):
+        classes.setdefault((int(a), torch.cat(m_s).bool().numpy().tobytes()), []).append(i)
+    return chain, masks, list(classes.values())
+
+
+def separable_transitions(model: nn.Module, params: dict[str, Tensor], states: np.ndarray, actions: np.ndarray | None) -> float:
+    """The number of transitions whose action and ReLU patterns (at ``params``) no other one
+    shares; NaN for networks that are not ReLU chains or for continuous actions."""
+    found = _pattern_classes(model, params, states, actions)
+    if found is None:
+        return float("nan")
+    return float(sum(1 for members in found[2] if len(members) == 1))
 
 
 def determined_transitions(model: nn.Module, params: dict[str, Tensor], states: np.ndarray, actions: np.ndarray | None, tol: float = 1e-6) -> float:
@@ -52,27 +61,16 @@ def determined_transitions(model: nn.Module, params: dict[str, Tensor], states: 
     leaves the update as it is: j is then provably not determined. Measured on the kernel of the
     column-normalised Gram matrix, at relative singular values below ``tol``. NaN where
     :func:`separable_transitions` is."""
-    try:
-        chain = Chain(model, params, {k: torch.zeros_like(v) for k, v in params.items()})
-    except (ValueError, KeyError):
+    found = _pattern_classes(model, params, states, actions)
+    if found is None:
         return float("nan")
-    if not chain.piecewise_linear or actions is None or np.asarray(actions).ndim != 1:
-        return float("nan")
-    x = torch.as_tensor(np.asarray(states, dtype=np.float64).reshape(len(states), -1))
-    if x.shape[1] != chain.in_dim:
-        return float("nan")
-    _, pre = chain.forward(x)
-    masks = [(z > 0).double() for z in pre[:-1]]
-    keys = [(int(a), torch.cat(m_s).bool().numpy().tobytes()) for a, *m_s in zip(np.asarray(actions), *masks)]
-    classes: dict[tuple[int, bytes], list[int]] = {}
-    for i, k in enumerate(keys):
-        classes.setdefault(k, []).append(i)
-    reps = torch.as_tensor([members[0] for members in classes.values()])
+    chain, masks, classes = found
+    reps = torch.as_tensor([members[0] for members in classes])
     g = torch.zeros(len(reps), chain.layers[-1].weight.shape[0], dtype=torch.float64)
     g[torch.arange(len(reps)), torch.as_tensor(np.asarray(actions))[reps]] = 1.0
     deltas, A = term_system(chain, [m[reps] for m in masks], g)
     moved = term_kernel(term_gram(deltas, A), len(reps), tol)
-    return float(sum(1 for c, members in enumerate(classes.values()) if len(members) == 1 and float(moved[c]) < 1e-3))
+    return float(sum(1 for c, members in enumerate(classes) if len(members) == 1 and float(moved[c]) < 1e-3))
 
 
 def term_gram(deltas: list[Tensor], A: list[Tensor]) -> Tensor:
