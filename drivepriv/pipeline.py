@@ -26,7 +26,9 @@ from drivepriv.config import RunConfig, dump_yaml
 from drivepriv.envs import make_codec, make_env
 from drivepriv.errors import ConfigError
 from drivepriv.federation.defenses import DefenseStack
-from drivepriv.federation.inprocess import GroundTruth, ServerView, evaluate_policy, resolve_attacked, run_federation
+from drivepriv.federation.inprocess import evaluate_policy, resolve_attacked
+from drivepriv.federation.run import run_federation
+from drivepriv.federation.types import GroundTruth, ServerView
 from drivepriv.metrics.identifiability import determined_transitions, separable_transitions
 from drivepriv.metrics.scores import Truth, score
 from drivepriv.metrics.vector import score_vector, vector_metric_columns

@@ -25,7 +25,8 @@ import pandas as pd
 
 from drivepriv.attacks import make_attack
 from drivepriv.config import apply_overrides, parse_override
-from drivepriv.federation.inprocess import resolve_attacked, run_federation
+from drivepriv.federation.inprocess import resolve_attacked
+from drivepriv.federation.run import run_federation
 from drivepriv.pipeline import DynamicsResidual, _truth, attack_input, build_priors, score_any
 from drivepriv.scenarios import load_scenario
 from drivepriv.seeding import derive_seed

@@ -40,7 +40,8 @@ import torch
 from drivepriv.attacks import make_attack
 from drivepriv.attacks.catalogue import complete_from_states
 from drivepriv.config import apply_overrides, parse_override
-from drivepriv.federation.inprocess import Client, GroundTruth, Server, ServerView, local_payload, setup
+from drivepriv.federation.inprocess import Client, Server, local_payload, setup
+from drivepriv.federation.types import GroundTruth, ServerView
 from drivepriv.metrics.identifiability import determined_transitions, separable_transitions
 from drivepriv.pipeline import _truth, attack_input, build_priors, score_any, update_rank
 from drivepriv.scenarios import load_scenario

@@ -86,7 +86,8 @@ def one(args: argparse.Namespace) -> int:
     t_process = time.perf_counter()
     from drivepriv.cli import build_config, make_parser
     from drivepriv.federation import inprocess
-    from drivepriv.federation.inprocess import resolve_attacked, run_federation
+    from drivepriv.federation.inprocess import resolve_attacked
+    from drivepriv.federation.run import run_federation
 
     argv = ["eval", "--scenario", args.scenario, "--quick", "--clients", str(args.clients[0]), "--rounds", str(args.rounds)]
     for s in [f"federation.engine={args.engine}", *args.set]:

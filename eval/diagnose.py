@@ -34,7 +34,8 @@ from torch.func import functional_call
 from drivepriv.attacks import make_attack
 from drivepriv.attacks.exact import Chain, layer_ranks
 from drivepriv.config import apply_overrides, parse_override
-from drivepriv.federation.inprocess import resolve_attacked, run_federation
+from drivepriv.federation.inprocess import resolve_attacked
+from drivepriv.federation.run import run_federation
 from drivepriv.metrics.identifiability import determined_transitions, separable_transitions
 from drivepriv.metrics.scores import score
 from drivepriv.pipeline import _truth, attack_input, build_priors

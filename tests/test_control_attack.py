@@ -13,7 +13,8 @@ import numpy as np
 
 from drivepriv.attacks import make_attack
 from drivepriv.config import apply_overrides
-from drivepriv.federation.inprocess import resolve_attacked, run_federation
+from drivepriv.federation.inprocess import resolve_attacked
+from drivepriv.federation.run import run_federation
 from drivepriv.pipeline import DynamicsResidual, _truth, attack_input, build_priors, score_any
 from drivepriv.scenarios import load_scenario
 

@@ -14,7 +14,8 @@ from drivepriv.agents.dqn import DQNLossSpec, QNetwork, ReplayBuffer
 from drivepriv.config import apply_overrides
 from drivepriv.errors import ConfigError
 from drivepriv.federation.defenses import DPSGD, DefenseStack, PrivacyAccountant, make_defense, parse_defense
-from drivepriv.federation.inprocess import _row, run_federation
+from drivepriv.federation.inprocess import _row
+from drivepriv.federation.run import run_federation
 from drivepriv.scenarios import load_scenario
 
 

@@ -6,7 +6,8 @@ import pytest
 
 import drivepriv.agents.dqn as dqn
 from drivepriv.config import apply_overrides
-from drivepriv.federation.inprocess import resolve_attacked, run_federation
+from drivepriv.federation.inprocess import resolve_attacked
+from drivepriv.federation.run import run_federation
 from drivepriv.scenarios import load_scenario
 
 

@@ -23,7 +23,8 @@ import torch
 
 from drivepriv.cli import build_config, main, make_parser
 from drivepriv.errors import ConfigError
-from drivepriv.federation.inprocess import resolve_attacked, run_federation
+from drivepriv.federation.inprocess import resolve_attacked
+from drivepriv.federation.run import run_federation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,7 +183,7 @@ def test_curious_strategy_checks_what_it_is_told():
 
 def _view(client: int, batch_size: int, model: torch.nn.Module, rnd: int = 2):
     from drivepriv.agents.dqn import DQNLossSpec
-    from drivepriv.federation.inprocess import ServerView
+    from drivepriv.federation.types import ServerView
 
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     payload = tuple(torch.zeros_like(v) for v in params.values())

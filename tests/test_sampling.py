@@ -7,7 +7,8 @@ import torch
 
 from drivepriv.config import apply_overrides
 from drivepriv.errors import ConfigError
-from drivepriv.federation.inprocess import resolve_attacked, run_federation, sampled_clients
+from drivepriv.federation.inprocess import resolve_attacked, sampled_clients
+from drivepriv.federation.run import run_federation
 from drivepriv.pipeline import check_supported
 from drivepriv.scenarios import load_scenario
 

@@ -5,7 +5,7 @@
 sends what the wrapped strategy sends and aggregates what it aggregates, unchanged; on the way
 it keeps, for the rounds and clients it is asked to watch, what an honest-but-curious server
 holds: the global model it sent, the target network where the messages carry one, and each
-client's reply. These become :class:`~drivepriv.federation.inprocess.ServerView` objects, the
+client's reply. These become :class:`~drivepriv.federation.types.ServerView` objects, the
 input of drivepriv's attacks (:func:`drivepriv.pipeline.attack_and_report`)::
 
     strategy = CuriousStrategy(FedAvg(), loss=DQNLossSpec(gamma=0.99), payload="weights",
@@ -49,7 +49,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord  # noqa: E
 from flwr.serverapp import Grid  # noqa: E402
 from flwr.serverapp.strategy import Strategy  # noqa: E402
 
-from drivepriv.federation.inprocess import ServerView  # noqa: E402
+from drivepriv.federation.types import ServerView  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,8 @@ from drivepriv.config import RunConfig
 from drivepriv.errors import ConfigError, DriveprivError
 from drivepriv.federation.defenses import DefenseStack
 from drivepriv.federation.flower_support import load_truth, require_flower, save_truth
-from drivepriv.federation.inprocess import Client, ClientUpdate, FederationResult, Server, sampled_clients, setup
+from drivepriv.federation.inprocess import Client, Server, sampled_clients, setup
+from drivepriv.federation.types import ClientUpdate, FederationResult
 from drivepriv.seeding import reproducible_torch
 
 require_flower()
@@ -351,7 +352,7 @@ def _wait_for_nodes(grid: Grid, n: int, timeout_s: float = 120.0) -> list[int]:
 
 def run_flower(cfg: RunConfig, attacked: set[tuple[int, int]], progress: bool = True) -> FederationResult:
     """Train the federation on Flower's simulation engine; the same result as
-    :func:`~drivepriv.federation.inprocess.run_federation` with ``engine: inprocess``."""
+    :func:`~drivepriv.federation.run.run_federation` with ``engine: inprocess``."""
     from flwr.simulation import run_simulation
 
     fed = cfg.federation

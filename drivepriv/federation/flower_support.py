@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from drivepriv.errors import ConfigError
+from drivepriv.federation.types import GroundTruth
 
 FLOWER_VERSION = "1.42.0"
 INSTALL = 'pip install -e ".[flower]"  (from a clone; or: pip install "flwr[simulation]==1.42.0")'
@@ -61,8 +62,7 @@ def save_truth(folder: str | Path, rnd: int, client: int, batches: list[dict[str
 
 
 def load_truth(folder: str | Path, rnd: int, client: int):
-    """The :class:`~drivepriv.federation.inprocess.GroundTruth` saved by :func:`save_truth`, or None."""
-    from drivepriv.federation.inprocess import GroundTruth
+    """The :class:`~drivepriv.federation.types.GroundTruth` saved by :func:`save_truth`, or None."""
 
     path = Path(folder) / f"r{rnd}-c{client}.npz"
     if not path.is_file():

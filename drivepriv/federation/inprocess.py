@@ -12,92 +12,25 @@ from __future__ import annotations
 import copy
 import logging
 import pickle
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from drivepriv.agents.algorithms import LocalAlgorithm, make_algorithm
 from drivepriv.agents.dqn import Batch, ReplayBuffer
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_env
 from drivepriv.federation.defenses import DefenseStack, PrivacyAccountant
-from drivepriv.parallel import resolve_workers
+from drivepriv.federation.types import ClientUpdate, FederationResult, GroundTruth, ServerView
 from drivepriv.seeding import derive_seed, numpy_rng, torch_generator
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ServerView:
-    """Everything the server knows about one client's update in one round (and nothing more)."""
-
-    round: int
-    client: int
-    strategy: str
-    params: dict[str, torch.Tensor]
-    target_params: dict[str, torch.Tensor]
-    #: FedSGD: the gradient; FedAvg: the parameter delta. One tensor per parameter, params order.
-    payload: tuple[torch.Tensor, ...]
-    batch_size: int
-    local_steps: int
-    lr: float
-    loss: object  # the LossSpec the client trained with (DQNLossSpec, PPOLossSpec, TD3LossSpec)
-
-    def gradient(self) -> tuple[torch.Tensor, ...]:
-        """The shared gradient (FedSGD); under FedAvg -delta/lr: the sum of the K local gradients
-        (exactly the gradient for K = 1)."""
-        if self.strategy == "fedsgd":
-            return self.payload
-        return tuple(-d / self.lr for d in self.payload)
-
-
-@dataclass
-class GroundTruth:
-    """The client's true minibatch(es) behind one update. Metrics only: attacks never see it."""
-
-    round: int
-    client: int
-    batches: list[dict[str, np.ndarray]]
-    #: (episode id, step) of every transition, per local step.
-    origins: list[np.ndarray]
-    #: Continuous actions: the batches' actions are (B, d) values, not one-hot rows.
-    continuous: bool = False
-
-
-@dataclass
-class FederationResult:
-    model: torch.nn.Module
-    views: list[ServerView]
-    truths: dict[tuple[int, int], GroundTruth]
-    training: pd.DataFrame
-    final_params: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: The defenses applied and, under DP-SGD, the privacy spent (epsilon at delta).
-    privacy: dict[str, object] = field(default_factory=dict)
-    algorithm: LocalAlgorithm | None = None
-    #: Where it ran, for run.json (Flower: the Ray address and how many nodes trained clients).
-    cluster: dict[str, object] = field(default_factory=dict)
-
-
 def episode_seed(root: int, client: int, episode: int) -> int:
     """The environment seed of a client's episode (its traffic; for MetaDrive, its map)."""
     return derive_seed(root, "client", client, "episode", episode)
-
-
-@dataclass
-class ClientUpdate:
-    """What one client produced in one round: the payload it sends and, kept apart, its truth."""
-
-    client: int
-    payload: tuple[torch.Tensor, ...]
-    #: One row of training.csv (the client's own progress).
-    row: dict[str, float]
-    #: DP-SGD: the sample rate of each local step, for the server's privacy accountant.
-    dp_rates: list[float] = field(default_factory=list)
-    #: The true minibatch(es): only when the round is attacked; read by metrics, never by attacks.
-    truth: GroundTruth | None = None
 
 
 class Client:
@@ -404,43 +337,6 @@ def setup(cfg: RunConfig) -> tuple[tuple[int, ...], LocalAlgorithm]:
     return obs_shape, algorithm
 
 
-def run_federation(cfg: RunConfig, attacked: set[tuple[int, int]], progress: bool = True) -> FederationResult:
-    """Train the federation; record server views and ground truth for ``attacked`` (round, client) pairs.
-
-    Defenses (``federation.defenses``) act where a real deployment applies them: DP-SGD on
-    each local step's per-sample gradients, update defenses on the payload before it leaves
-    the client, secure aggregation on what the server is shown (then one view per attacked
-    round, client -1, holding the mean of all clients' updates over their N x B transitions).
-
-    ``federation.engine``: ``inprocess`` runs the clients on this machine, spread over
-    ``workers`` forked processes (:mod:`drivepriv.federation.workers`; one: in this process, one
-    after another);
-    ``flower`` runs the same clients and server on Flower's simulation engine
-    (:mod:`drivepriv.federation.flower`)."""
-    if cfg.federation.engine == "flower":
-        from drivepriv.federation.flower import run_flower
-
-        return run_flower(cfg, attacked, progress=progress)
-    obs_shape, algorithm = setup(cfg)
-    server = Server(cfg, algorithm, attacked)
-    n = cfg.federation.clients
-    workers = resolve_workers(cfg.workers, n)
-    if workers > 1:  # the clients spread over worker processes: the same numbers, sooner
-        from drivepriv.federation.workers import ClientWorkers
-
-        clients: ClientGroup | ClientWorkers = ClientWorkers(cfg, obs_shape, algorithm, workers)
-    else:
-        clients = ClientGroup(cfg, obs_shape, algorithm, list(range(n)))
-    try:
-        for rnd in tqdm(range(cfg.federation.rounds), desc="train", unit="round", disable=not progress, leave=False):
-            params, target_params = server.broadcast()
-            updates = clients.train_round(rnd, params, target_params, {c: server.records(rnd, c) for c in sampled_clients(cfg, rnd)})
-            server.receive(rnd, params, target_params, updates)
-    finally:
-        clients.close()
-    return server.result()
-
-
 def evaluate_policy(cfg: RunConfig, model: torch.nn.Module, algorithm: LocalAlgorithm, episodes: int) -> dict[str, float]:
     """Utility of a trained global policy: its greedy episodes on held-out seeds (no client's).
 
@@ -497,4 +393,4 @@ def resolve_attacked(cfg: RunConfig) -> set[tuple[int, int]]:
     return {(rnd, c) for rnd in rounds for c in sampled_clients(cfg, rnd) if c in clients}
 
 
-__all__ = ["Client", "ClientGroup", "ClientUpdate", "FederationResult", "GroundTruth", "Server", "ServerView", "evaluate_policy", "local_payload", "merge_truths", "resolve_attacked", "run_federation", "sampled_clients", "setup"]
+__all__ = ["Client", "ClientGroup", "Server", "evaluate_policy", "local_payload", "merge_truths", "resolve_attacked", "sampled_clients", "setup"]

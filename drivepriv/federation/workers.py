@@ -20,12 +20,11 @@ import traceback
 
 from drivepriv.config import RunConfig
 from drivepriv.errors import DriveprivError
+from drivepriv.federation.inprocess import ClientGroup
 from drivepriv.parallel import init_worker
 
 
 def _serve(conn, cfg: RunConfig, obs_shape: tuple[int, ...], algorithm, cids: list[int]) -> None:
-    from drivepriv.federation.inprocess import ClientGroup
-
     init_worker()
     group = None
     try:
