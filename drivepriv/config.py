@@ -165,7 +165,7 @@ class FederationConfig:
     engine: Literal["inprocess", "flower"] = "inprocess"
     #: Flower engine: CPUs each client takes (Ray schedules as many clients at once as fit).
     flower_client_cpus: float = 1.0
-    #: Flower engine: the Ray cluster to join ("auto": the running cluster, see README);
+    #: Flower engine: the Ray cluster to join ("auto": the running cluster, see docs/flower.md);
     #: empty: start a local Ray with this machine's CPUs.
     ray_address: str = ""
     #: Flower engine: where clients write their ground truth for the metrics (never sent to the

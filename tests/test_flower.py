@@ -90,7 +90,7 @@ def test_eval_on_flower_writes_a_report_with_the_inprocess_metrics(tmp_path, cap
     assert sorted(set(on_flower["client"])) == [0, 1, 2]  # the last round of every client was attacked
     assert on_flower["ego_pos_err_m"].notna().all()
     assert (pd.read_csv(runs["flower"] / "training.csv")).equals(pd.read_csv(runs["inprocess"] / "training.csv"))
-    # the same metrics, rgia-k included, digit for digit (README "Reproducibility")
+    # the same metrics, rgia-k included, digit for digit (docs/reproducibility.md)
     assert on_flower.equals(inprocess)
 
 

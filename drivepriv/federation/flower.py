@@ -419,7 +419,7 @@ def run_flower(cfg: RunConfig, attacked: set[tuple[int, int]], progress: bool = 
 
 def _quiet_flower():
     """Flower logs every round at INFO, and warns at every call that ``run_simulation`` is
-    deprecated in favour of ``flwr run`` (README); keep its errors only (a failed client is
+    deprecated in favour of ``flwr run`` (docs/flower.md); keep its errors only (a failed client is
     raised by the strategy), less the lost workers that drivepriv handles. Returns an undo."""
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
