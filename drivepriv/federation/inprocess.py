@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from drivepriv.agents.algorithms import LocalAlgorithm, make_algorithm
-from drivepriv.agents.dqn import Batch, ReplayBuffer
+from drivepriv.agents.common import Batch, LossSpec, ReplayBuffer
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_env
 from drivepriv.federation.defenses import DefenseStack, PrivacyAccountant
@@ -44,7 +44,7 @@ class ServerView:
     batch_size: int
     local_steps: int
     lr: float
-    loss: object  # the LossSpec the client trained with (DQNLossSpec, PPOLossSpec, TD3LossSpec)
+    loss: LossSpec  # the one the client trained with (DQNLossSpec, PPOLossSpec, TD3LossSpec)
 
     def gradient(self) -> tuple[torch.Tensor, ...]:
         """The shared gradient (FedSGD); under FedAvg -delta/lr: the sum of the K local gradients
