@@ -17,7 +17,8 @@ import time
 import numpy as np
 import torch
 
-from drivepriv.agents.dqn import Batch, DQNLossSpec, QNetwork
+from drivepriv.agents.common import Batch
+from drivepriv.agents.dqn import DQNLossSpec, QNetwork
 from drivepriv.attacks import AttackInput, Priors
 from drivepriv.attacks.engine import EngineSettings, run_engine
 from drivepriv.config import RunConfig

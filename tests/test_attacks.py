@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from drivepriv.agents.dqn import Batch, DQNLossSpec, QNetwork
+from drivepriv.agents.common import Batch
+from drivepriv.agents.dqn import DQNLossSpec, QNetwork
 from drivepriv.attacks import ATTACKS, AttackInput, Priors, make_attack
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_codec

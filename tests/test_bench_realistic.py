@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from drivepriv.agents.dqn import Batch
+from drivepriv.agents.common import Batch
 from drivepriv.config import apply_overrides
 from drivepriv.federation.inprocess import Client, Server, local_payload, setup
 from drivepriv.scenarios import load_scenario

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from drivepriv.agents.dqn import DQNLossSpec, QNetwork, ReplayBuffer
+from drivepriv.agents.common import ReplayBuffer
+from drivepriv.agents.dqn import DQNLossSpec, QNetwork
 from drivepriv.config import apply_overrides
 from drivepriv.errors import ConfigError
 from drivepriv.federation.defenses import DPSGD, DefenseStack, PrivacyAccountant, make_defense, parse_defense

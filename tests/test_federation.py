@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import drivepriv.agents.dqn as dqn
+import drivepriv.agents.common as common
 from drivepriv.config import apply_overrides
 from drivepriv.federation.inprocess import resolve_attacked
 from drivepriv.federation.run import run_federation
@@ -14,13 +14,13 @@ from drivepriv.scenarios import load_scenario
 @pytest.mark.parametrize("algorithm, on_policy", [("dqn", False), ("ppo", True)])
 def test_replay_clients_sample_the_whole_buffer_and_on_policy_clients_their_rollout(monkeypatch, algorithm, on_policy):
     seen = []
-    original = dqn.ReplayBuffer.sample
+    original = common.ReplayBuffer.sample
 
     def spy(self, batch_size, rng, recent=None):
         seen.append(recent)
         return original(self, batch_size, rng, recent=recent)
 
-    monkeypatch.setattr(dqn.ReplayBuffer, "sample", spy)
+    monkeypatch.setattr(common.ReplayBuffer, "sample", spy)
     settings = {
         "workers": 1,  # the clients in this process, where the spy sees them
         "agent.algorithm": algorithm,

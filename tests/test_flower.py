@@ -134,7 +134,8 @@ def test_flower_app_audited_with_flowers_own_tooling(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "eval/flower_app/run_audit.sh"), str(out), *quick], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    from drivepriv.agents.dqn import Batch, DQNLossSpec
+    from drivepriv.agents.common import Batch
+    from drivepriv.agents.dqn import DQNLossSpec
     from drivepriv.federation.curious import load_capture
     from drivepriv.federation.flower_support import load_truth
 

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from drivepriv.agents.dqn import Batch, QNetwork
+from drivepriv.agents.common import Batch
+from drivepriv.agents.dqn import QNetwork
 from drivepriv.agents.ppo import PPOLossSpec
 from drivepriv.attacks import AttackInput, Priors, make_attack
 from drivepriv.config import RunConfig

@@ -83,11 +83,11 @@ def test_highway_panels_show_vehicles_where_the_states_say(merge_run):
     with the ego moved 10 m ahead draws it 10 m x scaling further right (camera on the truth)."""
     from highway_env.vehicle.graphics import VehicleGraphics
 
-    from drivepriv.report.replay import _HighwayBackend
+    from drivepriv.report.replay_render import HighwayRenderer
 
     cfg = load_scenario(str(merge_run / "config.yaml"))
     rec = load_batches(merge_run)[0]
-    backend = _HighwayBackend(cfg)
+    backend = HighwayRenderer(cfg)
     try:
         codec = backend.codec
         state = np.asarray(rec.truth["states"][0])
@@ -146,10 +146,11 @@ def test_bad_inputs_raise_config_errors(merge_run, tmp_path):
 
 
 def test_interrupted_replay_leaves_no_files(merge_run, tmp_path, monkeypatch):
+    import drivepriv.report.media as media
     import drivepriv.report.replay as replay
 
     calls = {"n": 0}
-    real = replay._compose
+    real = replay.compose
 
     def compose(*args, **kwargs):
         calls["n"] += 1
@@ -157,30 +158,31 @@ def test_interrupted_replay_leaves_no_files(merge_run, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(replay, "_compose", compose)
+    monkeypatch.setattr(replay, "compose", compose)
     out = tmp_path / "replay"
     with pytest.raises(KeyboardInterrupt):
         replay.replay_run(merge_run, out_dir=out)
     assert list(out.iterdir()) == []
 
     def broken_gif(frames, path, fps):
-        return replay._atomic(path, lambda tmp: (tmp.write_bytes(b"GIF8"), 1 / 0))
+        return media.atomic(path, lambda tmp: (tmp.write_bytes(b"GIF8"), 1 / 0))
 
-    monkeypatch.setattr(replay, "_compose", real)
-    monkeypatch.setattr(replay, "_write_gif", broken_gif)
+    monkeypatch.setattr(replay, "compose", real)
+    monkeypatch.setattr(replay, "write_gif", broken_gif)
     with pytest.raises(ZeroDivisionError):
         replay.replay_run(merge_run, batch=0, out_dir=out)
     assert [p.name for p in out.iterdir()] == ["b0-c0-r1.mp4"]  # the finished MP4, nothing half-written
 
 
 def test_replay_cartpole(tmp_path):
-    from drivepriv.report.replay import _ControlBackend, replay_run
+    from drivepriv.report.replay import replay_run
+    from drivepriv.report.replay_render import ControlRenderer
 
     run_dir = _quick_run(tmp_path / "runs", "cartpole")
     (r0, *_) = replay_run(run_dir, batch=0, out_dir=tmp_path / "replay")
     assert "Video: h264" in _probe(r0["mp4"]) and Image.open(r0["gif"]).n_frames > 1
 
-    backend = _ControlBackend(load_scenario(str(run_dir / "config.yaml")))
+    backend = ControlRenderer(load_scenario(str(run_dir / "config.yaml")))
     try:  # the cart is drawn where x says: moving it 1 m moves the cart's pixels
         s = np.array([0.0, 0.0, 0.05, 0.0], np.float32)
         backend.begin(s, 0, 0, 0)
@@ -203,7 +205,8 @@ def test_replay_metadrive_localises_the_ego(tmp_path):
     """Real MetaDrive observations: the replay places the true ego within 0.5 m of where it
     was (the observation has no absolute position), and writes the videos. About 12 s."""
     from drivepriv.envs import make_codec, make_env
-    from drivepriv.report.replay import _episode_seed, _MetaDriveBackend, replay_run
+    from drivepriv.report.replay import replay_run
+    from drivepriv.report.replay_metadrive import MetaDriveRenderer, client_episode_seed
 
     cfg = load_scenario("metadrive-ramp")
     codec = make_codec(cfg.env)
@@ -212,7 +215,7 @@ def test_replay_metadrive_localises_the_ego(tmp_path):
     states, nexts, truths, origins = [], [], [], []
     try:
         for episode in (0, 1):
-            obs, _ = env.reset(seed=_episode_seed(cfg, 0, episode))
+            obs, _ = env.reset(seed=client_episode_seed(cfg, 0, episode))
             for step in range(45):
                 t = env.vehicle_truth()  # where the ego is when it observes obs
                 obs2, *_ = env.step(_lane_keeping(codec, obs, rng))
@@ -223,7 +226,7 @@ def test_replay_metadrive_localises_the_ego(tmp_path):
         env.close()
     truths = np.array(truths)
 
-    backend = _MetaDriveBackend(cfg)
+    backend = MetaDriveRenderer(cfg)
     try:
         errors = []
         for s, (episode, step), xy in zip(states, origins, truths):

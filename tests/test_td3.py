@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
-from drivepriv.agents.dqn import Batch
+from drivepriv.agents.common import Batch
 from drivepriv.agents.td3 import TD3LossSpec, TD3Net, td3_act
 
 GAMMA, D = 0.95, 2

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from drivepriv.agents.dqn import Batch
+from drivepriv.agents.common import Batch
 from drivepriv.agents.nets import mlp
 
 _LOG_2PI = math.log(2.0 * math.pi)

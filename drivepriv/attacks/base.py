@@ -14,8 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from drivepriv.agents.dqn import DQNLossSpec
-from drivepriv.agents.ppo import PPOLossSpec
+from drivepriv.agents.common import LossSpec
 from drivepriv.envs.codec import ObservationCodec
 from drivepriv.envs.vector import VectorCodec
 from drivepriv.registry import Registry
@@ -55,7 +54,7 @@ class AttackInput:
     target_params: dict[str, Tensor]
     #: FedSGD: the gradient. FedAvg: -delta / lr, the sum of the K local gradients (exact for K=1).
     gradient: tuple[Tensor, ...]
-    loss: DQNLossSpec | PPOLossSpec  # or any LossSpec (TD3LossSpec): discrete is its action kind
+    loss: LossSpec  # DQNLossSpec, PPOLossSpec or TD3LossSpec: discrete is its action kind
     batch_size: int  # transitions per local step
     obs_shape: tuple[int, ...]
     n_actions: int  # discrete: actions; continuous: action dimension (a PPO network has one output more: the value)

@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from drivepriv.attacks.base import ATTACKS, Attack, AttackInput, Reconstruction, gradient_distance, lstsq
 from drivepriv.attacks.engine import EngineSettings, run_engine
-from drivepriv.agents.dqn import Batch
+from drivepriv.agents.common import Batch
 from drivepriv.agents.ppo import PPOLossSpec
 from drivepriv.attacks import exact, rowspace
 from drivepriv.seeding import derive_seed

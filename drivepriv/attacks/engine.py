@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from drivepriv.agents.dqn import Batch
+from drivepriv.agents.common import Batch
 from drivepriv.attacks.base import AttackInput, Priors, Reconstruction, gradient_distance
 from drivepriv.registry import Registry
 from drivepriv.seeding import derive_seed

@@ -40,6 +40,7 @@ from typing import Iterable, Literal
 
 import torch
 
+from drivepriv.agents.common import LossSpec
 from drivepriv.errors import ConfigError
 from drivepriv.federation.flower_support import require_flower
 
@@ -85,7 +86,7 @@ class CuriousStrategy(Strategy):
         self,
         inner: Strategy,
         *,
-        loss: object,
+        loss: LossSpec,
         payload: Payload = "weights",
         lr: float | None = None,
         local_steps: int = 1,

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from drivepriv.agents.algorithms import LocalAlgorithm, make_algorithm
-from drivepriv.agents.dqn import Batch, ReplayBuffer
+from drivepriv.agents.common import Batch, ReplayBuffer
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_env
 from drivepriv.federation.defenses import DefenseStack, PrivacyAccountant

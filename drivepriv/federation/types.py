@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from drivepriv.agents.common import LossSpec
+
 if TYPE_CHECKING:
     from drivepriv.agents.algorithms import LocalAlgorithm
 
@@ -34,7 +36,7 @@ class ServerView:
     batch_size: int
     local_steps: int
     lr: float
-    loss: object  # the LossSpec the client trained with (DQNLossSpec, PPOLossSpec, TD3LossSpec)
+    loss: LossSpec  # the LossSpec the client trained with (DQNLossSpec, PPOLossSpec, TD3LossSpec)
 
     def gradient(self) -> tuple[torch.Tensor, ...]:
         """The shared gradient (FedSGD); under FedAvg -delta/lr: the sum of the K local gradients

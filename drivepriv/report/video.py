@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from drivepriv.priors.road import RoadGeometry
-from drivepriv.report.media import h264_writer
+from drivepriv.report.media import h264_writer, paste, text_patch
 from drivepriv.report.plots import (
     ARROW_S,
     CAR_RGB,
@@ -50,20 +49,6 @@ GAP_PX = 4
 MATCH_GATE_M = 8.0
 _SHIFT = 3  # cv2 sub-pixel bits
 _ONE = 1 << _SHIFT
-
-
-@lru_cache(maxsize=8)
-def _font(size: int, bold: bool = False):
-    """DejaVu Sans from matplotlib's bundled fonts (Pillow's default font as a fallback)."""
-    from PIL import ImageFont
-
-    try:
-        import matplotlib
-
-        name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
-        return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name), size)
-    except OSError:  # pragma: no cover - matplotlib always ships DejaVu
-        return ImageFont.load_default()
 
 
 @dataclass
@@ -205,39 +190,18 @@ class _Painter:
                                     1, cv2.LINE_AA, _SHIFT, min(0.4, 7.0 / n))
 
 
-def _text_patch(parts: list[tuple[str, tuple[int, int, int], bool]], size: int, bg=(255, 255, 255), pad: int = 4) -> np.ndarray:
-    """Render coloured text segments (text, rgb, bold) on one line into an RGB array."""
-    from PIL import Image, ImageDraw
-
-    widths = [_font(size, b).getlength(t) for t, _, b in parts]
-    img = Image.new("RGB", (int(sum(widths)) + 2 * pad, size + 2 * pad), bg)
-    d = ImageDraw.Draw(img)
-    x = pad
-    for (t, c, b), w in zip(parts, widths):
-        d.text((x, pad - 1), t, fill=c, font=_font(size, b))
-        x += w
-    return np.asarray(img)
-
-
-def _paste(dst: np.ndarray, patch: np.ndarray, x: int, y: int) -> None:
-    h = min(patch.shape[0], dst.shape[0] - y)
-    w = min(patch.shape[1], dst.shape[1] - x)
-    if h > 0 and w > 0:
-        dst[y : y + h, x : x + w] = patch[:h, :w]
-
-
 def _caption(scene: SceneBatch, i: int, k: int, n: int, width: int, colours: dict[str, tuple[int, int, int]]) -> np.ndarray:
     """Caption strip for transition ``i`` (k-th of n shown): label, index, true vs reconstructed actions."""
     strip = np.full((CAPTION_H, width, 3), 255, np.uint8)
     dark, grey = (30, 30, 30), (110, 110, 110)
     where = f"   transition {i + 1} of {scene.batch_size}" + (f"   ({k + 1}/{n} shown)" if n < scene.batch_size else "")
-    _paste(strip, _text_patch([(scene.label, dark, True), (where, grey, False), ("      s → s′", grey, False)], 15), 6, 2)
+    paste(strip, text_patch([(scene.label, dark, True), (where, grey, False), ("      s → s′", grey, False)], 15), 6, 2)
     parts: list[tuple[str, tuple[int, int, int], bool]] = []
     for who, act, ok in scene.action_parts(i):
         parts.append((f"{who}: " if who == "true" else f"   {who}: ", colours.get(who, dark), who != "true"))
         parts.append((act + ("" if ok is None else (" ✓" if ok else " ✗")), dark if ok in (None, True) else (190, 30, 30), False))
     if parts:
-        _paste(strip, _text_patch([("action  ", grey, False)] + parts, 14), 6, 25)
+        paste(strip, text_patch([("action  ", grey, False)] + parts, 14), 6, 25)
     return strip
 
 
@@ -284,10 +248,10 @@ def write_replay_video(
     colours = {name: attack_rgb(n) for n, name in enumerate(names)}
     painter = _Painter(road, panel_w, panel_h, ppm)
 
-    labels = [_text_patch([("■ ", EGO_RGB, True), ("real", (30, 30, 30), True)], 13, bg=(255, 255, 255))]
-    labels += [_text_patch([("■ ", colours[n], True), (n, (30, 30, 30), True), ("  (real: faint)", (110, 110, 110), False)],
+    labels = [text_patch([("■ ", EGO_RGB, True), ("real", (30, 30, 30), True)], 13, bg=(255, 255, 255))]
+    labels += [text_patch([("■ ", colours[n], True), (n, (30, 30, 30), True), ("  (real: faint)", (110, 110, 110), False)],
                            13, bg=(255, 255, 255)) for n in names]
-    bar = _text_patch([("10 m", (60, 60, 60), False)], 11, bg=(255, 255, 255), pad=2)
+    bar = text_patch([("10 m", (60, 60, 60), False)], 11, bg=(255, 255, 255), pad=2)
     dt_s = _policy_period(scene)
     panel = np.empty((panel_h, panel_w, 3), np.uint8)
     road_img = np.empty_like(panel)
@@ -323,8 +287,8 @@ def write_replay_video(
                         c = colours[names[p - 1]]
                         painter.cars(img, truth, u, GHOST_CAR_RGB, GHOST_EGO_RGB, outline=False, arrows=False)
                         painter.cars(img, recons[p - 1], u, c, tuple(int(v * 0.7) for v in c), outline=True, arrows=True)
-                    _paste(img, labels[p], 4, 4)
-                    _paste(img, bar, 6, panel_h - bar.shape[0] - 9)
+                    paste(img, labels[p], 4, 4)
+                    paste(img, bar, 6, panel_h - bar.shape[0] - 9)
                     img[panel_h - 6 : panel_h - 4, 8 : 8 + int(round(10 * ppm))] = (60, 60, 60)
                     frame[y0 : y0 + panel_h, x0 : x0 + panel_w] = img
                 writer.append_data(frame)
