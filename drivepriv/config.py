@@ -25,7 +25,7 @@ from drivepriv.errors import ConfigError, did_you_mean
 KNOWN_FEATURES = ("presence", "x", "y", "vx", "vy", "cos_h", "sin_h")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ObservationConfig:
     """highway-env Kinematics observation: ego row absolute, neighbour rows ego-relative.
 
@@ -67,7 +67,7 @@ class ObservationConfig:
             raise ConfigError(f"{where}.features_range: missing range for {', '.join(missing)}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EnvConfig:
     """The simulator: backend, environment id and its overrides.
 
@@ -92,7 +92,7 @@ class EnvConfig:
             raise ConfigError(f"{where}.max_episode_steps: expected an integer >= 0, got {self.max_episode_steps}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AgentConfig:
     """The local algorithm and its network.
 
@@ -129,7 +129,7 @@ class AgentConfig:
                 raise ConfigError(f"{where}.{key}: expected a number >= 0, got {getattr(self, key)}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FederationConfig:
     """Clients, rounds and what they share (FedSGD gradients or FedAvg parameter deltas)."""
 
@@ -201,12 +201,6 @@ class FederationConfig:
             )
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"{where}.gamma: expected a discount in [0, 1], got {self.gamma}")
-        from drivepriv.federation.defenses import DefenseStack
-
-        try:
-            DefenseStack.from_specs(self.defenses)
-        except ConfigError as e:
-            raise ConfigError(f"{where}.defenses: {e}") from None
         if self.warmup_steps + self.env_steps_per_round < self.batch_size:
             raise ConfigError(
                 f"{where}: warmup_steps + env_steps_per_round ({self.warmup_steps} + {self.env_steps_per_round}) "
@@ -214,7 +208,7 @@ class FederationConfig:
             )
 
 
-@dataclass
+@dataclass(frozen=True)
 class DynamicsPriorConfig:
     """The learned transition prior, fitted on the attacker's own rollouts of the public simulator."""
 
@@ -230,7 +224,7 @@ class DynamicsPriorConfig:
             raise ConfigError(f"{where}.epochs: expected an integer >= 1, got {self.epochs}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttackConfig:
     """Which attacks run, on which rounds and clients, and how hard they optimise."""
 
@@ -286,7 +280,7 @@ class AttackConfig:
         self.dynamics.validate(f"{where}.dynamics")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReportConfig:
     """What the report shows."""
 
@@ -302,7 +296,7 @@ class ReportConfig:
             raise ConfigError(f"{where}.fps: expected an integer >= 1, got {self.fps}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs. Resolved (seed materialised) and written to config.yaml."""
 
@@ -425,13 +419,13 @@ def _build(cls: type, data: dict[str, Any], where: str, base: Any = None) -> Any
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{sub}: expected a mapping of {tp.__name__} settings, got {type(value).__name__} {value!r}")
-            setattr(obj, key, _build(tp, value, sub, getattr(obj, key)))
+            object.__setattr__(obj, key, _build(tp, value, sub, getattr(obj, key)))  # frozen: built here only
         else:
             new = _convert(value, tp, sub)
             old = getattr(obj, key)
             if isinstance(new, dict) and isinstance(old, dict):
                 new = {**old, **new}  # merge mappings key by key, never drop a default silently
-            setattr(obj, key, new)
+            object.__setattr__(obj, key, new)
     return obj
 
 

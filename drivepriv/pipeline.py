@@ -72,6 +72,23 @@ class RunResult:
     verdict: dict
 
 
+def resolve_config(cfg: RunConfig) -> RunConfig:
+    """The configuration as the run uses it, decided once before anything runs: the defenses
+    built from their specs (unknown names and parameters fail here, with a did-you-mean) and
+    their configuration rewrites applied (``batch`` sets the minibatch size, ``local_steps``
+    FedAvg's), then validated again. Every command that runs a federation starts from it."""
+    try:
+        stack = DefenseStack.from_specs(cfg.federation.defenses)
+    except ConfigError as e:
+        raise ConfigError(f"federation.defenses: {e}") from None
+    out = stack.configure(cfg)
+    try:
+        out.validate("")
+    except ConfigError as e:
+        raise ConfigError(f"with the defenses {stack.describe()}: {str(e).lstrip('.')}") from None
+    return out
+
+
 def check_supported(cfg: RunConfig, attacks: bool = True) -> None:
     """Fail before any work starts on combinations this version cannot run (or, with
     ``attacks``, cannot attack)."""
@@ -314,7 +331,7 @@ def write_privacy_utility(work: Path, privacy: dict, utility: dict) -> None:
 def run_train(cfg: RunConfig, command: str = "", progress: bool = True, run_id: str | None = None) -> tuple[Path, dict]:
     """Train the federation only: training.csv, privacy_utility.json, the final global model
     (model.pt: its state_dict) and the reproducibility files. Returns (run folder, utility)."""
-    cfg = DefenseStack.from_specs(cfg.federation.defenses).configure(cfg)
+    cfg = resolve_config(cfg)
     check_supported(cfg, attacks=False)
     work, final_dir = start_run(cfg, command, run_id, f"drivepriv train --scenario {cfg.name} --seed {cfg.seed}")
     fed = train_federation(cfg, work, progress, attacked=set())
@@ -328,7 +345,7 @@ def run_train(cfg: RunConfig, command: str = "", progress: bool = True, run_id: 
 def run_eval(cfg: RunConfig, command: str = "", progress: bool = True, run_id: str | None = None) -> RunResult:
     """Train, attack, score and report. Output goes to ``<out>/<scenario>/<run-id>/``; while the
     run is in progress the folder is named ``<run-id>.incomplete``."""
-    cfg = DefenseStack.from_specs(cfg.federation.defenses).configure(cfg)  # batch / local_steps defenses
+    cfg = resolve_config(cfg)
     check_supported(cfg)
     work, final_dir = start_run(cfg, command, run_id, f"drivepriv eval --scenario {cfg.name} --seed {cfg.seed}")
     t0 = time.perf_counter()

@@ -43,7 +43,7 @@ def run_sweep(cfg: RunConfig, defense: str, grid: list[float] | None = None, com
               seeds: list[int] | None = None) -> SweepResult:
     """Run one evaluation per strength and seed (default: the configuration's seed), plus the
     baseline without the defense; write the sweep's tables, plot and page."""
-    from drivepriv.pipeline import check_supported, run_eval
+    from drivepriv.pipeline import check_supported, resolve_config, run_eval
     from drivepriv.report.compare import write_comparison
 
     strength, values = sweep_grid(defense, grid)
@@ -51,8 +51,12 @@ def run_sweep(cfg: RunConfig, defense: str, grid: list[float] | None = None, com
     for v in values:  # every point's configuration is checked before any work starts
         spec = {"name": defense, strength: v}
         point = apply_overrides(cfg, [(["federation", "defenses"], [*cfg.federation.defenses, spec])], source=f"--sweep {defense} ({strength}={v:g})")
+        try:
+            resolve_config(point)
+        except ConfigError as e:
+            raise ConfigError(f"--sweep {defense} ({strength}={v:g}): {e}") from None
         points.append((v, point))
-    check_supported(points[0][1])
+    check_supported(resolve_config(points[0][1]))
     seeds = list(dict.fromkeys(seeds or [cfg.seed]))
     if any(s < 0 for s in seeds):
         raise ConfigError(f"--seeds: expected integers >= 0, got {seeds}")
