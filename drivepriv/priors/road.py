@@ -35,7 +35,6 @@ from drivepriv.priors.road_segments import (
 )
 
 
-
 @dataclass(frozen=True)
 class Lane:
     """One lane: its index in the road network, centre-line polyline (N, 2) in metres, width.
@@ -213,7 +212,7 @@ class RoadGeometry:
         """(s_m, signed lateral_m) of ``xy`` (N, 2) on lane ``lane`` (N,): ``AbstractLane.local_coordinates``.
 
         As :meth:`lane_local_coordinates` (same segments, same choice of segment), on one lane
-        per point; the lateral offset is signed (left of the centre line > 0 along the axis).
+        per point; the lateral offset is signed along the lane's lateral axis (highway-env's sign).
         """
         T = self._lane_table()
         M = T.valid.shape[1]

@@ -73,7 +73,6 @@ def _main_module_hidden() -> Iterator[None]:
             main.__dict__.update(saved)
 
 
-
 class WorkerClient:
     """One MetaDrive worker process and the parent's end of its pipe.
 

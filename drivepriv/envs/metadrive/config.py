@@ -25,7 +25,6 @@ _ASSET_HELP = (
 )
 
 
-
 def _import_metadrive_env() -> type:
     """Import ``MetaDriveEnv`` (no engine is created, so this is safe in any process)."""
     import warnings
