@@ -83,7 +83,7 @@ def test_two_envs_offline_deterministic_decoded(no_network):
     a, b = make_metadrive_env(cfg), make_metadrive_env(cfg, render_mode="rgb_array")
     try:
         assert a.pid != b.pid
-        assert a._call("network_check") == "forbidden"  # the worker's own guard is on
+        assert a._worker.call("network_check") == "forbidden"  # the worker's own guard is on
         assert a.observation_space.shape == (codec.obs_dim,) == (259,)
         assert a.action_space.shape == (2,)
         seed = 2**62 + 12345  # drivepriv's 63-bit seeds are fine
@@ -133,8 +133,8 @@ def test_two_envs_offline_deterministic_decoded(no_network):
     finally:
         a.close()
         b.close()
-    assert not a._process.is_alive() and a._process.exitcode is not None
-    assert not b._process.is_alive() and b._process.exitcode is not None
+    assert not a._worker.process.is_alive() and a._worker.process.exitcode is not None
+    assert not b._worker.process.is_alive() and b._worker.process.exitcode is not None
     with pytest.raises(MetaDriveWorkerError, match="closed"):
         a.reset(seed=0)
 

@@ -23,8 +23,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-#: Added under square roots so that gradients stay finite on the lane centre line (m^2).
-_SQRT_EPS_M2 = 1e-12
+from drivepriv.priors.road_segments import (
+    _SQRT_EPS_M2,
+    _build_lane_table,
+    _build_tensors,
+    _cross,
+    _LaneTable,
+    _LaneTensors,
+    _segment_fit,
+    _segment_frame,
+)
 
 
 @dataclass(frozen=True)
@@ -87,97 +95,6 @@ class LaneCoordinates(NamedTuple):
     s_m: Tensor  #: longitudinal coordinate (highway-env ``s``), extrapolated past the ends
     lateral_abs_m: Tensor  #: |lateral offset| from the centre line
     heading_rad: Tensor  #: lane heading at ``s_m``
-
-
-@dataclass(frozen=True)
-class _LaneTensors:
-    """Every lane's polyline segments, flattened: arrays (S[, 2]) over all S segments.
-
-    Segment k runs from point ``c0`` to ``c0 + dc`` as ``u`` goes from 0 to 1, and the centre
-    line bows ``4 bulge u (1 - u)`` out of it along the lateral axis. The lateral axis,
-    longitudinal coordinate and heading are interpolated linearly in ``u`` (``n0 + u dn``,
-    ``s0 + u ds``, ``h0 + u dh``). ``u_lo`` / ``u_hi`` bound ``u`` (-inf / +inf on the first /
-    last segment of a lane, which extend past the lane's ends). ``seg_index`` (L, M) lists each
-    lane's segments, padded with S (a column of +inf scores).
-    """
-
-    c0: Tensor
-    dc: Tensor
-    bulge: Tensor
-    n0: Tensor
-    dn: Tensor
-    s0: Tensor
-    ds: Tensor
-    h0: Tensor
-    dh: Tensor
-    u_lo: Tensor
-    u_hi: Tensor
-    seg_index: Tensor
-    length: Tensor
-    half_width: Tensor
-    open_start: Tensor
-    open_end: Tensor
-
-
-def _build_tensors(lanes: tuple[Lane, ...], dtype: torch.dtype, device: torch.device) -> _LaneTensors:
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("c0", "dc", "bulge", "n0", "dn", "s0", "ds", "h0", "dh", "u_lo", "u_hi")}
-    n_seg = max(len(lane.points) - 1 for lane in lanes)
-    total = sum(len(lane.points) - 1 for lane in lanes)
-    seg_index = np.full((len(lanes), n_seg), total, dtype=np.int64)  # padding: the +inf column
-    first = 0
-    for i, lane in enumerate(lanes):
-        pts = np.asarray(lane.points, dtype=np.float64)
-        s, h = lane.stations()
-        n = lane.lateral_axes()
-        m = len(pts) - 1
-        cols["c0"].append(pts[:-1])
-        cols["dc"].append(np.diff(pts, axis=0))
-        cols["bulge"].append(np.zeros(m) if lane.bulges_m is None else np.asarray(lane.bulges_m, dtype=np.float64))
-        cols["n0"].append(n[:-1])
-        cols["dn"].append(np.diff(n, axis=0))
-        cols["s0"].append(s[:-1])
-        cols["ds"].append(np.diff(s))
-        cols["h0"].append(h[:-1])
-        cols["dh"].append(np.diff(h))
-        lo, hi = np.zeros(m), np.ones(m)
-        lo[0], hi[-1] = -np.inf, np.inf
-        cols["u_lo"].append(lo)
-        cols["u_hi"].append(hi)
-        seg_index[i, :m] = np.arange(first, first + m)
-        first += m
-
-    def t(a) -> Tensor:
-        return torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=dtype, device=device)
-
-    return _LaneTensors(
-        **{k: t(np.concatenate(v)) for k, v in cols.items()},
-        seg_index=torch.as_tensor(seg_index, device=device),
-        length=t([lane.length_m for lane in lanes]),
-        half_width=t([lane.width_m / 2.0 for lane in lanes]),
-        open_start=t([float(lane.open_start) for lane in lanes]),
-        open_end=t([float(lane.open_end) for lane in lanes]),
-    )
-
-
-def _cross(a: Tensor, b: Tensor) -> Tensor:
-    return a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
-
-
-def _segment_u(q: Tensor, c0: Tensor, dc: Tensor, n0: Tensor, dn: Tensor) -> Tensor:
-    """``u`` such that ``q`` lies on the lateral axis at ``c0 + u dc`` (direction ``n0 + u dn``).
-
-    Solves ``cross(q - c0 - u dc, n0 + u dn) = 0`` (linear on straight and sine lanes, whose
-    lateral axis is constant; quadratic on arcs) and keeps the root nearest the segment.
-    """
-    a = q - c0
-    k0 = _cross(a, n0)
-    k1 = _cross(a, dn) - _cross(dc, n0)
-    k2 = -_cross(dc, dn)
-    disc = torch.clamp(k1 * k1 - 4.0 * k2 * k0, min=1e-18)
-    sgn = torch.where(k1 >= 0, torch.ones_like(k1), -torch.ones_like(k1))
-    den = k1 + sgn * torch.sqrt(disc)
-    den = torch.where(den.abs() < 1e-12, sgn * 1e-12, den)
-    return -2.0 * k0 / den
 
 
 @dataclass(frozen=True)
@@ -281,6 +198,57 @@ class RoadGeometry:
             cache[key] = _build_tensors(self.lanes, dtype, device)
         return cache[key]
 
+    def _lane_table(self) -> _LaneTable:
+        """The per-lane view of the float64 CPU segment table (cached)."""
+        T = self._tensors(torch.float64, torch.device("cpu"))  # creates the cache
+        cache = self.__dict__["_torch_cache"]
+        if "lane_table" not in cache:
+            cache["lane_table"] = _build_lane_table(T)
+        return cache["lane_table"]
+
+    # Queries on one given lane per point (float64, as the physics prior needs)
+
+    def lane_frame(self, xy: Tensor, lane: Tensor) -> tuple[Tensor, Tensor]:
+        """(s_m, signed lateral_m) of ``xy`` (N, 2) on lane ``lane`` (N,): ``AbstractLane.local_coordinates``.
+
+        As :meth:`lane_local_coordinates` (same segments, same choice of segment), on one lane
+        per point; the lateral offset is signed along the lane's lateral axis (highway-env's sign).
+        """
+        T = self._lane_table()
+        M = T.valid.shape[1]
+        m = int(T.n_seg[lane].max()) if lane.numel() else 1  # padding past every lane's last segment is never chosen
+        with torch.no_grad():
+            valid = T.valid[lane, :m]
+            lo, hi = T.u_lo[lane, :m], T.u_hi[lane, :m]
+            d, outside = _segment_fit(xy.detach()[:, None, :], T.c0[lane, :m], T.dc[lane, :m], T.n0[lane, :m], T.dn[lane, :m], lo, hi)
+            outside = outside | ~valid
+            score = d + outside.to(d.dtype) * 1e9 + (~valid).to(d.dtype) * 1e12
+            flat = lane * M + score.argmin(-1)  # (N,) the chosen segment in the (L * M) table
+
+        def pick(x: Tensor) -> Tensor:
+            return x.reshape(-1, *x.shape[2:])[flat]
+
+        _, _, _, lateral, s = _segment_frame(
+            xy, pick(T.c0), pick(T.dc), pick(T.n0), pick(T.dn), pick(T.u_lo), pick(T.u_hi), pick(T.bulge), pick(T.s0), pick(T.ds)
+        )
+        return s, lateral
+
+    def lane_heading_at(self, s: Tensor, lane: Tensor) -> Tensor:
+        """``AbstractLane.heading_at(s)`` on lane ``lane`` (N,): piecewise linear in s, extended past the ends."""
+        T = self._lane_table()
+        s0, ds, h0, dh = T.s0[lane], T.ds[lane], T.h0[lane], T.dh[lane]  # (N, M)
+        with torch.no_grad():
+            inside = (s.detach()[:, None] >= s0) & T.valid[lane]
+            seg = (inside.long().sum(-1) - 1).clamp(min=0)
+            seg = torch.minimum(seg, T.n_seg[lane] - 1)[:, None]
+        u = (s - torch.gather(s0, 1, seg).squeeze(1)) / torch.gather(ds, 1, seg).squeeze(1)
+        return torch.gather(h0, 1, seg).squeeze(1) + u * torch.gather(dh, 1, seg).squeeze(1)
+
+    def lane_length_of(self, lane: Tensor) -> Tensor:
+        """Length (m) of lane ``lane`` (any shape of lane positions), float64."""
+        T = self._lane_table()
+        return T.s0[lane, T.n_seg[lane] - 1] + T.ds[lane, T.n_seg[lane] - 1]
+
     def lane_local_coordinates(self, xy: Tensor) -> LaneCoordinates:
         """Local coordinates of world points ``xy`` (..., 2) on every lane (highway-env ``local_coordinates``).
 
@@ -295,28 +263,18 @@ class RoadGeometry:
         T = self._tensors(xy.dtype, xy.device)
         with torch.no_grad():
             q = xy.detach()[..., None, :]  # (..., 1, 2)
-            u = _segment_u(q, T.c0, T.dc, T.n0, T.dn)  # (..., S)
-            u_in = torch.clamp(torch.minimum(torch.maximum(u, T.u_lo), T.u_hi), min=-1e6, max=1e6)
-            d = torch.sqrt(((q - T.c0 - u_in[..., None] * T.dc) ** 2).sum(-1))
-            outside = (u < T.u_lo - 1e-9) | (u > T.u_hi + 1e-9) | ~torch.isfinite(u)
+            d, outside = _segment_fit(q, T.c0, T.dc, T.n0, T.dn, T.u_lo, T.u_hi)  # (..., S)
             score = d + outside.to(d.dtype) * 1e9
             score = torch.cat([score, torch.full_like(score[..., :1], float("inf"))], -1)
             k = score[..., T.seg_index].argmin(-1, keepdim=True)  # (..., L, 1)
             seg = torch.gather(T.seg_index.expand(k.shape[:-1] + T.seg_index.shape[-1:]), -1, k).squeeze(-1)
 
-        c0, dc, n0, dn = T.c0[seg], T.dc[seg], T.n0[seg], T.dn[seg]  # (..., L, 2)
         q = xy[..., None, :]  # (..., 1, 2)
-        u = _segment_u(q, c0, dc, n0, dn)  # (..., L)
-        u = torch.minimum(torch.maximum(u, T.u_lo[seg]), T.u_hi[seg])
-        a = q - (c0 + u[..., None] * dc)
-        axis = n0 + u[..., None] * dn
-        axis = axis / torch.sqrt((axis**2).sum(-1, keepdim=True) + _SQRT_EPS_M2)
-        # Along the axis the centre line bows out of the chord by a parabola (exact to second
-        # order on arcs, and continuing them past the lane's ends).
-        along = (a * axis).sum(-1) - 4.0 * T.bulge[seg] * u * (1.0 - u)
+        u, a, axis, along, s = _segment_frame(  # (..., L)
+            q, T.c0[seg], T.dc[seg], T.n0[seg], T.dn[seg], T.u_lo[seg], T.u_hi[seg], T.bulge[seg], T.s0[seg], T.ds[seg]
+        )
         across = _cross(a, axis)  # 0 unless u was clamped (a point far from the lane)
         lateral = torch.sqrt(along**2 + across**2 + _SQRT_EPS_M2)
-        s = T.s0[seg] + u * T.ds[seg]
         heading = T.h0[seg] + u * T.dh[seg]
         return LaneCoordinates(s_m=s, lateral_abs_m=lateral, heading_rad=heading)
 
