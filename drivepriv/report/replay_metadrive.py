@@ -161,10 +161,8 @@ class MetaDriveRenderer:
     layout = "row"
 
     def __init__(self, cfg: Any) -> None:
-        import multiprocessing as mp
-
         from drivepriv.envs import make_codec
-        from drivepriv.envs.metadrive import _main_module_hidden, merged_metadrive_config, validate_metadrive_config
+        from drivepriv.envs.metadrive import WorkerClient, merged_metadrive_config, validate_metadrive_config
 
         self.cfg = cfg
         self.codec = make_codec(cfg.env)
@@ -182,42 +180,20 @@ class MetaDriveRenderer:
         self.v_max_mps = sp.scale + sp.offset
         config = validate_metadrive_config(cfg.env)
         config.update({"traffic_density": 0.0, "log_level": logging.ERROR})  # traffic is not in the observation
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        self._conn = parent
-        self._process = ctx.Process(target=_md_worker, args=(child, config, MD_PANEL_PX, MD_SCALING_PX_PER_M),
-                                    daemon=True, name="drivepriv-replay-metadrive")
-        with _main_module_hidden():
-            self._process.start()
-        child.close()
+        self._worker = WorkerClient(_md_worker, (config, MD_PANEL_PX, MD_SCALING_PX_PER_M),
+                                    name="drivepriv-replay-metadrive", label="MetaDrive replay worker")
         self._scenario: int | None = None
         self.spawn_route_m = 0.0
         self.ego_size_m = (4.5, 2.0)  # MetaDrive's default vehicle; the worker says on reset
         self.action_text = action_formatter(True)
         try:
-            self._recv("start")
+            self._worker.recv("start")
         except BaseException:
             self.close()
             raise
 
-    def _recv(self, what: str) -> Any:
-        from drivepriv.envs.metadrive import WORKER_TIMEOUT_S, MetaDriveWorkerError
-
-        waited = 0.0
-        while not self._conn.poll(0.5):
-            waited += 0.5
-            if not self._process.is_alive():
-                raise MetaDriveWorkerError(f"MetaDrive replay worker died during {what} (exit code {self._process.exitcode})")
-            if waited >= WORKER_TIMEOUT_S:
-                raise MetaDriveWorkerError(f"MetaDrive replay worker did not answer {what} within {WORKER_TIMEOUT_S:.0f} s")
-        status, payload = self._conn.recv()
-        if status != "ok":
-            raise MetaDriveWorkerError(f"MetaDrive replay worker failed during {what}:\n{payload}")
-        return payload
-
     def _call(self, cmd: str, arg: Any = None) -> Any:
-        self._conn.send((cmd, arg))
-        return self._recv(cmd)
+        return self._worker.call(cmd, arg)
 
     # -- localisation ---------------------------------------------------------------------
     def _features(self, state: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
@@ -300,8 +276,6 @@ class MetaDriveRenderer:
 
     def close(self) -> None:
         """Stop the worker (politely, then by force; always reaped). Idempotent."""
-        from drivepriv.envs.metadrive import _shutdown
-
-        if getattr(self, "_process", None) is not None:
-            _shutdown(self._process, self._conn)
-            self._process = None
+        if getattr(self, "_worker", None) is not None:
+            self._worker.close()
+            self._worker = None
