@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from drivepriv.agents.algorithms import ActionSpec, make_algorithm
 from drivepriv.attacks import AttackInput, Priors, Reconstruction, make_attack
-from drivepriv.attacks.exact import layer_ranks
+from drivepriv.attacks.chain import layer_ranks
 from drivepriv.config import RunConfig, dump_yaml
 from drivepriv.envs import make_codec, make_env
 from drivepriv.errors import ConfigError

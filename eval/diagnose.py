@@ -32,7 +32,7 @@ import torch
 from torch.func import functional_call
 
 from drivepriv.attacks import make_attack
-from drivepriv.attacks.exact import Chain, layer_ranks
+from drivepriv.attacks.chain import Chain, layer_ranks
 from drivepriv.config import apply_overrides, parse_override
 from drivepriv.federation.inprocess import resolve_attacked
 from drivepriv.federation.run import run_federation

@@ -248,7 +248,7 @@ def test_duplicate_transitions_are_one_term_and_still_recovered():
 def test_peeling_subtracts_each_samples_own_gradient():
     """The exact recovery peels a sample off with its own gradient contribution: the chain's
     per-sample gradient equals autograd's on the network."""
-    from drivepriv.attacks.exact import Chain
+    from drivepriv.attacks.chain import Chain
 
     inp, truth, _ = setup_case(3, seed=1, hidden=(32, 16))
     x = torch.as_tensor(truth.states).reshape(3, -1).double()
@@ -313,9 +313,9 @@ def test_rgia_k_recovers_a_trained_like_network_whose_samples_share_patterns():
     """Where the last hidden layer separates only groups of samples (same action, same deeper
     patterns) and the first layer's patterns differ in a few units, the last hidden layer's
     row space holds only group sums: the terms' directions are enumerated from the patterns
-    the update allows (``exact._pattern_directions``) and the batch is still recovered, with
+    the update allows (``completion.pattern_directions``) and the batch is still recovered, with
     no prior state at all."""
-    from drivepriv.attacks.exact import layer_ranks
+    from drivepriv.attacks.chain import layer_ranks
 
     inp, truth, codec = setup_case(8, seed=5, replay=True, model=trained_like_network(5))
     inp.priors = Priors(codec=codec, prior_states=None)

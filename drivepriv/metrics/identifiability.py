@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from drivepriv.attacks.exact import Chain, term_system
+from drivepriv.attacks.chain import Chain, term_system
 
 
 def _pattern_classes(model: nn.Module, params: dict[str, Tensor], states: np.ndarray, actions: np.ndarray | None):
@@ -74,7 +74,7 @@ def determined_transitions(model: nn.Module, params: dict[str, Tensor], states: 
 
 
 def term_gram(deltas: list[Tensor], A: list[Tensor]) -> Tensor:
-    """The Gram matrix (c (d+1), c (d+1)) of ``drivepriv.attacks.exact.term_system``'s map."""
+    """The Gram matrix (c (d+1), c (d+1)) of ``drivepriv.attacks.chain.term_system``'s map."""
     c, _, d1 = A[0].shape
     gram = torch.zeros(c * d1, c * d1, dtype=torch.float64)
     for delta, a in zip(deltas, A):
