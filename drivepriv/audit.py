@@ -41,6 +41,7 @@ from drivepriv.config import RunConfig, apply_overrides
 from drivepriv.envs import make_codec
 from drivepriv.envs import make_env as _make_env
 from drivepriv.errors import ConfigError
+from drivepriv.federation.strategies import strategy
 from drivepriv.scenarios import load_scenario
 
 SUPPORTED_ALGORITHMS = ("dqn", "ppo")
@@ -387,7 +388,7 @@ def audit_capture(
                 f"round {v.round}, client {v.client}: the captured arrays are not the model's parameters "
                 f"(differ at {', '.join(f'{k}: capture {got.get(k)}, model {shapes.get(k)}' for k in diff[:3])}); pass the deployment's network with --model"
             )
-        if v.client == -1 and v.strategy == "fedavg" and v.local_steps > 1:
+        if v.client == -1 and strategy(v.strategy).unrolled_steps(v.local_steps) > 1:
             raise ConfigError("a secure-aggregation capture of K-step FedAvg deltas cannot be attacked (the mean is no client's unrolled training)")
     if truth_dir is None:
         raise ConfigError(

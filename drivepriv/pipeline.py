@@ -28,6 +28,7 @@ from drivepriv.errors import ConfigError
 from drivepriv.federation.defenses import DefenseStack
 from drivepriv.federation.inprocess import evaluate_policy, resolve_attacked
 from drivepriv.federation.run import run_federation
+from drivepriv.federation.strategies import strategy
 from drivepriv.federation.types import GroundTruth, ServerView
 from drivepriv.metrics.identifiability import determined_transitions, separable_transitions
 from drivepriv.metrics.scores import Truth, score
@@ -111,7 +112,7 @@ def check_supported(cfg: RunConfig, attacks: bool = True) -> None:
                 f"'{cfg.name}' has continuous actions ({cfg.agent.algorithm}); use {', '.join(ok)} (--attacks ...)"
             )
     fed = cfg.federation
-    if attacks and DefenseStack.from_specs(fed.defenses).secagg and fed.strategy == "fedavg" and fed.local_steps > 1:
+    if attacks and DefenseStack.from_specs(fed.defenses).secagg and strategy(fed.strategy).unrolled_steps(fed.local_steps) > 1:
         raise ConfigError(
             "defense secagg with FedAvg over several local steps: the sum of K-step deltas is not one client's "
             "unrolled training, which the attacks model; use federation.strategy=fedsgd or local_steps=1"
@@ -223,9 +224,9 @@ def attack_input(model: torch.nn.Module, view: ServerView, priors: Priors, obs_s
         obs_shape=obs_shape,
         n_actions=n_actions,
         priors=priors,
-        local_steps=view.local_steps if view.strategy == "fedavg" else 1,
+        local_steps=strategy(view.strategy).unrolled_steps(view.local_steps),
         local_lr=view.lr,
-        delta=view.payload if view.strategy == "fedavg" else None,
+        delta=strategy(view.strategy).delta(view.payload),
     )
 
 
@@ -424,7 +425,7 @@ def attack_and_report(
         ceiling = {
             "identifiable": separable_transitions(model, view.params, truth.states, None if continuous else truth.actions),
             # FedSGD only: a FedAvg delta's terms come from K parameter versions
-            "determined": determined_transitions(model, view.params, truth.states, None if continuous else truth.actions) if view.strategy == "fedsgd" else float("nan"),
+            "determined": determined_transitions(model, view.params, truth.states, None if continuous else truth.actions) if strategy(view.strategy).payload_kind == "gradient" else float("nan"),
             "update_rank": update_rank(inp),
         }
         rows, timings = [], []

@@ -40,7 +40,8 @@ import torch
 from drivepriv.attacks import make_attack
 from drivepriv.attacks.catalogue import complete_from_states
 from drivepriv.config import apply_overrides, parse_override
-from drivepriv.federation.inprocess import Client, Server, local_payload, setup
+from drivepriv.federation.inprocess import Client, Server, setup
+from drivepriv.federation.strategies import STRATEGIES
 from drivepriv.federation.types import GroundTruth, ServerView
 from drivepriv.metrics.identifiability import determined_transitions, separable_transitions
 from drivepriv.pipeline import _truth, attack_input, build_priors, score_any, update_rank
@@ -56,7 +57,7 @@ def cells(args: argparse.Namespace) -> list[tuple[str, int, int]]:
 
 def client_update(client: Client, server: Server, params, target_params, strategy: str, b: int, k: int, rng) -> tuple[ServerView, GroundTruth]:
     """One update of ``client`` on the global ``params`` from its replay buffer, as its
-    local training would compute it (inprocess.local_payload), and the transitions behind it."""
+    local training would compute it (the strategy's local_payload), and the transitions behind it."""
     loss_spec = server.loss_spec
     batches, origins = [], []
 
@@ -67,7 +68,7 @@ def client_update(client: Client, server: Server, params, target_params, strateg
         return loss_spec.gradient(server.model, at, target_params, batch)
 
     lr = server.cfg.federation.lr
-    payload = local_payload(strategy, params, k, lr, local_gradient)
+    payload = STRATEGIES.get(strategy).local_payload(params, k, lr, local_gradient)
     view = ServerView(-1, client.cid, strategy, params, target_params, payload, b, k, lr, loss_spec)
     return view, GroundTruth(-1, client.cid, batches, origins, False)
 

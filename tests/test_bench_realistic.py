@@ -11,7 +11,8 @@ import torch
 
 from drivepriv.agents.common import Batch
 from drivepriv.config import apply_overrides
-from drivepriv.federation.inprocess import Client, Server, local_payload, setup
+from drivepriv.federation.inprocess import Client, Server, setup
+from drivepriv.federation.strategies import strategy
 from drivepriv.scenarios import load_scenario
 from drivepriv.seeding import numpy_rng
 
@@ -52,7 +53,7 @@ def test_client_update_is_the_clients_local_run():
     for d, k in zip(view.payload, params):
         torch.testing.assert_close(d, p[k] - params[k], rtol=1e-5, atol=1e-9)
     # FedSGD through the same function: the gradient at the global parameters
-    sgd = local_payload("fedsgd", params, 1, lr, lambda at, step: tuple(torch.ones_like(v) for v in at.values()))
+    sgd = strategy("fedsgd").local_payload(params, 1, lr, lambda at, step: tuple(torch.ones_like(v) for v in at.values()))
     assert all(bool((g == 1).all()) for g in sgd)
 
 

@@ -43,6 +43,7 @@ import torch
 from drivepriv.agents.common import LossSpec
 from drivepriv.errors import ConfigError
 from drivepriv.federation.flower_support import require_flower
+from drivepriv.federation.strategies import strategy_for_payload
 
 require_flower(simulation=False)  # a deployment's server needs Flower, not Ray
 
@@ -186,8 +187,8 @@ class CuriousStrategy(Strategy):
             update = tuple(arrays[k] - params[k] if self.payload == "weights" else arrays[k] for k in names)
             got.append((self._client_of(msg), update))
         got.sort(key=lambda t: t[0])
-        strategy = "fedsgd" if self.payload == "gradient" else "fedavg"
-        steps = 1 if strategy == "fedsgd" else self.local_steps
+        shared = strategy_for_payload("delta" if self.payload == "weights" else self.payload)
+        strategy, steps = shared.name, shared.unrolled_steps(self.local_steps)
         if self.aggregate_only:
             if got:
                 mean = tuple(torch.stack(ps).mean(0) for ps in zip(*(u for _, u in got)))

@@ -55,6 +55,7 @@ from drivepriv.errors import ConfigError, DriveprivError
 from drivepriv.federation.defenses import DefenseStack
 from drivepriv.federation.flower_support import load_truth, require_flower, save_truth
 from drivepriv.federation.inprocess import Client, Server, sampled_clients, setup
+from drivepriv.federation.strategies import STRATEGIES
 from drivepriv.federation.types import ClientUpdate, FederationResult
 from drivepriv.seeding import reproducible_torch
 
@@ -378,7 +379,7 @@ def run_flower(cfg: RunConfig, attacked: set[tuple[int, int]], progress: bool = 
         curious = CuriousStrategy(
             strategy,
             loss=server.loss_spec,
-            payload="gradient" if fed.strategy == "fedsgd" else "delta",
+            payload=STRATEGIES.get(fed.strategy).payload_kind,
             lr=fed.lr,
             local_steps=fed.local_steps,
             batch_size=fed.batch_size,

@@ -22,6 +22,7 @@ from drivepriv.agents.common import Batch, ReplayBuffer
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_env
 from drivepriv.federation.defenses import DefenseStack, PrivacyAccountant
+from drivepriv.federation.strategies import strategy
 from drivepriv.federation.types import ClientUpdate, FederationResult, GroundTruth, ServerView
 from drivepriv.seeding import derive_seed, numpy_rng, torch_generator
 
@@ -106,7 +107,7 @@ class Client:
             per_sample = [loss_spec.gradient(model, at, target_params, _row(batch, i)) for i in range(len(batch))]
             return dp.privatize(per_sample, torch_generator(self.cfg.seed, "dpsgd", self.cid, rnd, step))
 
-        payload = local_payload(fed.strategy, params, fed.local_steps, fed.lr, local_gradient)
+        payload = strategy(fed.strategy).local_payload(params, fed.local_steps, fed.lr, local_gradient)
         payload = stack.apply(payload, torch_generator(self.cfg.seed, "defense", self.cid, rnd))
         last = self.finished_returns[-5:]
         row = {
@@ -210,22 +211,6 @@ class ClientGroup:
             c.close()
 
 
-def local_payload(strategy: str, params: dict[str, torch.Tensor], local_steps: int, lr: float, local_gradient) -> tuple[torch.Tensor, ...]:
-    """What a client shares: FedSGD, the gradient at the global ``params``; FedAvg, the parameter
-    delta (new minus old) after ``local_steps`` plain SGD steps at ``lr``.
-    ``local_gradient(at, step)`` is the gradient at parameters ``at`` on local step ``step``'s
-    minibatch."""
-    if strategy == "fedsgd":
-        payload = local_gradient(params, 0)
-    else:
-        local = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-        for step in range(local_steps):
-            grads = local_gradient(local, step)
-            local = {k: (v - lr * g).detach().requires_grad_(True) for (k, v), g in zip(local.items(), grads)}
-        payload = tuple((local[k] - params[k]).detach() for k in params)
-    return tuple(p.detach().clone() for p in payload)
-
-
 def _row(batch: Batch, i: int) -> Batch:
     return Batch(*(t[i : i + 1] for t in (batch.states, batch.actions, batch.rewards, batch.next_states, batch.dones)))
 
@@ -299,15 +284,7 @@ class Server:
             if record:
                 self.views.append(self.view(rnd, -1, params, target_params, tuple(m.clone() for m in mean), len(updates) * fed.batch_size))
             self.truths[(rnd, -1)] = merge_truths(rnd, recorded)
-        if fed.strategy == "fedsgd":
-            self.opt.zero_grad()
-            for p, g in zip(self.model.parameters(), mean):
-                p.grad = g.clone()
-            self.opt.step()
-        else:
-            with torch.no_grad():
-                for p, d in zip(self.model.parameters(), mean):
-                    p.add_(d)
+        strategy(fed.strategy).server_step(self.model, self.opt, mean)
         if (rnd + 1) % fed.target_update_rounds == 0:
             self.target.load_state_dict(self.model.state_dict())
 
@@ -393,4 +370,4 @@ def resolve_attacked(cfg: RunConfig) -> set[tuple[int, int]]:
     return {(rnd, c) for rnd in rounds for c in sampled_clients(cfg, rnd) if c in clients}
 
 
-__all__ = ["Client", "ClientGroup", "Server", "evaluate_policy", "local_payload", "merge_truths", "resolve_attacked", "sampled_clients", "setup"]
+__all__ = ["Client", "ClientGroup", "Server", "evaluate_policy", "merge_truths", "resolve_attacked", "sampled_clients", "setup"]

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from drivepriv.agents.common import LossSpec
+from drivepriv.federation.strategies import strategy
 
 if TYPE_CHECKING:
     from drivepriv.agents.algorithms import LocalAlgorithm
@@ -41,9 +42,7 @@ class ServerView:
     def gradient(self) -> tuple[torch.Tensor, ...]:
         """The shared gradient (FedSGD); under FedAvg -delta/lr: the sum of the K local gradients
         (exactly the gradient for K = 1)."""
-        if self.strategy == "fedsgd":
-            return self.payload
-        return tuple(-d / self.lr for d in self.payload)
+        return strategy(self.strategy).gradient(self.payload, self.lr)
 
 
 @dataclass

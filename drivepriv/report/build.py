@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_codec, make_env
 from drivepriv.errors import ConfigError
+from drivepriv.federation.strategies import strategy
 from drivepriv.metrics.leakage import feature_leakage, leakage_by_round, verdict
 from drivepriv.parallel import fan_out
 from drivepriv.results import BatchRecord, load_batches
@@ -162,7 +163,7 @@ def _settings(cfg: RunConfig, privacy: dict) -> dict[str, str]:
     fed = cfg.federation
     return {
         "environment": cfg.env.id,
-        "federation": f"{fed.clients} clients, {fed.rounds} rounds, {fed.strategy}" + (f" ({fed.local_steps} local steps)" if fed.strategy == "fedavg" else "") + f", batch {fed.batch_size}",
+        "federation": f"{fed.clients} clients, {fed.rounds} rounds, {strategy(fed.strategy).describe(fed.local_steps)}, batch {fed.batch_size}",
         "local algorithm": f"{cfg.agent.algorithm} (gamma {fed.gamma}, lr {fed.lr})",
         "simulator": f"{cfg.env.backend} ({cfg.env.id})",
         "defenses": str(privacy.get("defenses", "none")),
