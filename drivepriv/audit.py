@@ -313,7 +313,7 @@ def capture_truths(views: list, truth_dir: str | Path) -> dict:
     client's own file, or under secure aggregation (client -1) all the round's files merged.
     Checked against the capture's local steps and batch size."""
     from drivepriv.federation.flower_support import load_truth
-    from drivepriv.federation.inprocess import merge_truths
+    from drivepriv.federation.recorder import merge_truths
 
     truths = {}
     for v in views:

@@ -100,7 +100,7 @@ def run_one(scenario: str, seed: int, width: int, args: argparse.Namespace, prio
     try:
         for rnd in range(max(args.after) + 1):
             params, target_params = server.broadcast()
-            updates = [c.train_round(rnd, server.model, params, target_params, server.stack, False) for c in clients]
+            updates = [c.train_round(rnd, server.model, params, target_params, server.stack, False).update for c in clients]
             if rnd in args.after:  # the clients' buffers now hold this round's driving too
                 for c in attacked:
                     for strategy, b, k in cells(args):
@@ -111,7 +111,7 @@ def run_one(scenario: str, seed: int, width: int, args: argparse.Namespace, prio
                         n = len(truth.actions)
                         ceiling = separable_transitions(server.model, view.params, truth.states, truth.actions) / n
                         # FedSGD only: a FedAvg delta's terms come from K parameter versions
-                        determined = determined_transitions(server.model, view.params, truth.states, truth.actions) / n if strategy == "fedsgd" else float("nan")
+                        determined = determined_transitions(server.model, view.params, truth.states, truth.actions) / n if STRATEGIES.get(strategy).payload_kind == "gradient" else float("nan")
                         rank = update_rank(inp)
                         for name in [*args.attacks, *(["chance"] if args.chance else [])]:
                             attack_seed = derive_seed(seed, "bench-realistic", name, rnd, c.cid, strategy, b, k)

@@ -35,6 +35,7 @@ in client order before aggregating, and every random stream is derived from stab
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -56,7 +57,8 @@ from drivepriv.federation.defenses import DefenseStack
 from drivepriv.federation.flower_support import load_truth, require_flower, save_truth
 from drivepriv.federation.inprocess import Client, Server, sampled_clients, setup
 from drivepriv.federation.strategies import STRATEGIES
-from drivepriv.federation.types import ClientUpdate, FederationResult
+from drivepriv.federation.recorder import TruthRecorder
+from drivepriv.federation.types import ClientResult, ClientUpdate, FederationResult
 from drivepriv.seeding import reproducible_torch
 
 require_flower()
@@ -138,9 +140,10 @@ def _train(msg: Message, context: Context, run_id: str, run_cfg: RunConfig, trut
         for name, p in entry.model.named_parameters():
             p.copy_(params[name])
     record = cid in list(config["record-truth"])
-    update = entry.client.train_round(rnd, entry.model, params, target, stack, record)
-    if update.truth is not None:
-        t = update.truth
+    result = entry.client.train_round(rnd, entry.model, params, target, stack, record)
+    update = result.update
+    if result.truth is not None:  # to the engine's truth folder, never in the message to the server
+        t = result.truth
         save_truth(truth_dir, rnd, cid, t.batches, t.origins, t.continuous)
     entry.round = rnd
     arrays, meta = entry.client.snapshot()
@@ -214,6 +217,7 @@ class DrivePrivStrategy(Strategy):
     def __init__(self, server: Server, truth_dir: str, bar=None) -> None:
         self.server = server
         self.truth_dir = truth_dir
+        self.recorder = TruthRecorder(aggregate=server.stack.secagg)
         self.bar = bar
         self._sent: dict[int, tuple[dict, dict]] = {}
         #: The Ray nodes whose workers trained a client (run.json's ``cluster``).
@@ -246,7 +250,7 @@ class DrivePrivStrategy(Strategy):
         rnd = server_round - 1
         params, target = self._sent.pop(rnd)
         names = list(params)
-        updates = []
+        results = []
         for msg in replies:
             if msg.has_error():
                 raise _client_failed(rnd, msg, self.server.cfg.federation.flower_retries)
@@ -265,7 +269,8 @@ class DrivePrivStrategy(Strategy):
                         f"round {rnd}: client {cid}'s ground truth is not in {self.truth_dir}; on a multi-node Ray "
                         f"cluster set federation.flower_truth_dir to a folder every node shares"
                     )
-            updates.append(ClientUpdate(cid, tuple(arrays[k] for k in names), row, list(m.get("dp-rates", [])), truth))
+            results.append(ClientResult(ClientUpdate(cid, tuple(arrays[k] for k in names), row, list(m.get("dp-rates", []))), truth))
+        updates = self.recorder.record(rnd, results)  # the truths stay with the engine
         want = sampled_clients(self.server.cfg, rnd)
         if sorted(u.client for u in updates) != want:
             raise ClientFailed(f"round {rnd}: clients {sorted(u.client for u in updates)} replied, of the {len(want)} sampled {want}")
@@ -413,7 +418,7 @@ def run_flower(cfg: RunConfig, attacked: set[tuple[int, int]], progress: bool = 
         done = len({row["round"] for row in server.rows})
         if done != fed.rounds:
             raise DriveprivError(f"the Flower simulation stopped after {done} of {fed.rounds} rounds (see Flower's log above)")
-    result = server.result(views=curious.views)
+    result = dataclasses.replace(server.result(views=curious.views), truths=strategy.recorder.truths)
     result.cluster = {"engine": "flower", "ray_address": fed.ray_address or "local", "client_nodes": len(strategy.nodes)}
     return result
 

@@ -23,7 +23,7 @@ from drivepriv.config import RunConfig
 from drivepriv.envs import make_env
 from drivepriv.federation.defenses import DefenseStack, PrivacyAccountant
 from drivepriv.federation.strategies import strategy
-from drivepriv.federation.types import ClientUpdate, FederationResult, GroundTruth, ServerView
+from drivepriv.federation.types import ClientResult, ClientUpdate, FederationResult, GroundTruth, ServerView
 from drivepriv.seeding import derive_seed, numpy_rng, torch_generator
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class Client:
         target_params: dict[str, torch.Tensor],
         stack: DefenseStack,
         record_truth: bool,
-    ) -> ClientUpdate:
+    ) -> ClientResult:
         """One round: collect with the global policy (``model`` holds ``params``), train locally
         (one gradient under FedSGD, K SGD steps under FedAvg), apply the client-side defenses."""
         fed = self.cfg.federation
@@ -119,7 +119,7 @@ class Client:
             "crash_rate_last5": float(np.mean(self.crashes[-5:])) if self.crashes else float("nan"),
         }
         truth = GroundTruth(rnd, self.cid, batches, origins, algorithm.actions.continuous) if record_truth else None
-        return ClientUpdate(self.cid, payload, row, rates, truth)
+        return ClientResult(ClientUpdate(self.cid, payload, row, rates), truth)
 
     def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, object]]:
         """The client's state as arrays and plain values (for engines that keep no process per
@@ -198,7 +198,7 @@ class ClientGroup:
             self.model = algorithm.build_model()
         self.stack = DefenseStack.from_specs(cfg.federation.defenses)
 
-    def train_round(self, rnd: int, params, target_params, record: dict[int, bool]) -> list[ClientUpdate]:
+    def train_round(self, rnd: int, params, target_params, record: dict[int, bool]) -> list[ClientResult]:
         """One round of the clients in ``record`` (the round's sample, each with whether its
         truth is recorded) that are in this group, in client order."""
         with torch.no_grad():
@@ -215,18 +215,11 @@ def _row(batch: Batch, i: int) -> Batch:
     return Batch(*(t[i : i + 1] for t in (batch.states, batch.actions, batch.rewards, batch.next_states, batch.dones)))
 
 
-def merge_truths(rnd: int, truths: list[GroundTruth]) -> GroundTruth:
-    """Secure aggregation: all clients' minibatches behind the one aggregate the server sees (client -1)."""
-    steps = range(len(truths[0].batches))
-    merged = [{k: np.concatenate([t.batches[s][k] for t in truths]) for k in truths[0].batches[s]} for s in steps]
-    origins = [np.concatenate([t.origins[s] for t in truths]) for s in steps]
-    return GroundTruth(rnd, -1, merged, origins, truths[0].continuous)
-
-
 class Server:
     """The server: global model and target network, optimiser, privacy accounting, and the
-    record of what it saw for the attacked (round, client) pairs. Engines (in-process, Flower)
-    move the messages; the server logic is this one class."""
+    record of what it saw for the attacked (round, client) pairs. It holds no ground truth (the
+    engine's :class:`~drivepriv.federation.recorder.TruthRecorder` does). Engines (in-process,
+    Flower) move the messages; the server logic is this one class."""
 
     def __init__(self, cfg: RunConfig, algorithm: LocalAlgorithm, attacked: set[tuple[int, int]]) -> None:
         fed = cfg.federation
@@ -245,7 +238,6 @@ class Server:
         else:
             self.opt = torch.optim.SGD(self.model.parameters(), lr=fed.lr)
         self.views: list[ServerView] = []
-        self.truths: dict[tuple[int, int], GroundTruth] = {}
         self.rows: list[dict[str, float]] = []
 
     def records(self, rnd: int, client: int) -> bool:
@@ -274,16 +266,12 @@ class Server:
             for q in u.dp_rates:
                 self.accountant.step(u.client, q)
             self.rows.append(u.row)
-            if u.truth is not None and not self.stack.secagg:
-                self.truths[(rnd, u.client)] = u.truth
-                if record:
-                    self.views.append(self.view(rnd, u.client, params, target_params, u.payload, fed.batch_size))
+            if record and not self.stack.secagg and self.records(rnd, u.client):
+                self.views.append(self.view(rnd, u.client, params, target_params, u.payload, fed.batch_size))
         mean = [torch.stack(ps).mean(0) for ps in zip(*(u.payload for u in updates))]
-        recorded = [u.truth for u in updates if u.truth is not None]
-        if self.stack.secagg and recorded:  # secure aggregation: the server sees the sum (here its mean) alone
-            if record:
-                self.views.append(self.view(rnd, -1, params, target_params, tuple(m.clone() for m in mean), len(updates) * fed.batch_size))
-            self.truths[(rnd, -1)] = merge_truths(rnd, recorded)
+        # secure aggregation: the server sees the sum (here its mean) alone
+        if record and self.stack.secagg and any(self.records(rnd, u.client) for u in updates):
+            self.views.append(self.view(rnd, -1, params, target_params, tuple(m.clone() for m in mean), len(updates) * fed.batch_size))
         strategy(fed.strategy).server_step(self.model, self.opt, mean)
         if (rnd + 1) % fed.target_update_rounds == 0:
             self.target.load_state_dict(self.model.state_dict())
@@ -297,7 +285,7 @@ class Server:
         return FederationResult(
             model=self.model,
             views=self.views if views is None else views,
-            truths=self.truths,
+            truths={},
             training=pd.DataFrame(self.rows),
             final_params=final,
             privacy=privacy,
@@ -370,4 +358,4 @@ def resolve_attacked(cfg: RunConfig) -> set[tuple[int, int]]:
     return {(rnd, c) for rnd in rounds for c in sampled_clients(cfg, rnd) if c in clients}
 
 
-__all__ = ["Client", "ClientGroup", "Server", "evaluate_policy", "merge_truths", "resolve_attacked", "sampled_clients", "setup"]
+__all__ = ["Client", "ClientGroup", "Server", "evaluate_policy", "resolve_attacked", "sampled_clients", "setup"]

@@ -3,10 +3,13 @@ tests, so that neither engine imports the other."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from tqdm.auto import tqdm
 
 from drivepriv.config import RunConfig
 from drivepriv.federation.inprocess import ClientGroup, Server, resolve_attacked, sampled_clients, setup
+from drivepriv.federation.recorder import TruthRecorder
 from drivepriv.federation.types import FederationResult
 from drivepriv.federation.workers import ClientWorkers
 from drivepriv.parallel import resolve_workers
@@ -37,6 +40,7 @@ def _run_inprocess(cfg: RunConfig, attacked: set[tuple[int, int]], progress: boo
     processes (:mod:`drivepriv.federation.workers`; one: in this process, one after another)."""
     obs_shape, algorithm = setup(cfg)
     server = Server(cfg, algorithm, attacked)
+    recorder = TruthRecorder(aggregate=server.stack.secagg)  # the engine's, out of the server's reach
     n = cfg.federation.clients
     workers = resolve_workers(cfg.workers, n)
     if workers > 1:  # the clients spread over worker processes: the same numbers, sooner
@@ -46,11 +50,11 @@ def _run_inprocess(cfg: RunConfig, attacked: set[tuple[int, int]], progress: boo
     try:
         for rnd in tqdm(range(cfg.federation.rounds), desc="train", unit="round", disable=not progress, leave=False):
             params, target_params = server.broadcast()
-            updates = clients.train_round(rnd, params, target_params, {c: server.records(rnd, c) for c in sampled_clients(cfg, rnd)})
-            server.receive(rnd, params, target_params, updates)
+            results = clients.train_round(rnd, params, target_params, {c: server.records(rnd, c) for c in sampled_clients(cfg, rnd)})
+            server.receive(rnd, params, target_params, recorder.record(rnd, results))
     finally:
         clients.close()
-    return server.result()
+    return dataclasses.replace(server.result(), truths=recorder.truths)
 
 
 __all__ = ["resolve_attacked", "run_federation"]

@@ -74,7 +74,7 @@ class FederationResult:
 
 @dataclass
 class ClientUpdate:
-    """What one client produced in one round: the payload it sends and, kept apart, its truth."""
+    """What one client sends the server in one round, and nothing more."""
 
     client: int
     payload: tuple[torch.Tensor, ...]
@@ -82,5 +82,14 @@ class ClientUpdate:
     row: dict[str, float]
     #: DP-SGD: the sample rate of each local step, for the server's privacy accountant.
     dp_rates: list[float] = field(default_factory=list)
-    #: The true minibatch(es): only when the round is attacked; read by metrics, never by attacks.
+
+
+@dataclass
+class ClientResult:
+    """What one client produced in one round, as the engine receives it: the update it sends the
+    server and, apart from it, the true minibatch(es) behind it (only when the round is attacked),
+    which the engine's :class:`~drivepriv.federation.recorder.TruthRecorder` keeps for the
+    metrics before the update reaches the server."""
+
+    update: ClientUpdate
     truth: GroundTruth | None = None

@@ -3,7 +3,7 @@ per core.
 
 Each worker owns its clients for the whole run: their environments, replay buffers and
 generators stay where they are, and a round moves only the global parameters out and the
-clients' updates (payload, training row, truth for the recorded rounds) back. A client's round
+clients' results (update: payload and training row; truth for the recorded rounds) back. A client's round
 depends on nothing but its own state and the parameters it is sent, so the federation trains
 to the same numbers as with the clients one after another in one process (tests/test_cli.py
 compares training.csv and metrics.csv byte for byte).
@@ -21,6 +21,7 @@ import traceback
 from drivepriv.config import RunConfig
 from drivepriv.errors import DriveprivError
 from drivepriv.federation.inprocess import ClientGroup
+from drivepriv.federation.types import ClientResult
 from drivepriv.parallel import init_worker
 
 
@@ -68,13 +69,13 @@ class ClientWorkers:
             self.conns.append(parent)
             self.procs.append(proc)
 
-    def train_round(self, rnd: int, params, target_params, record: dict[int, bool]) -> list:
+    def train_round(self, rnd: int, params, target_params, record: dict[int, bool]) -> list[ClientResult]:
         for conn in self.conns:
             try:
                 conn.send(("round", rnd, params, target_params, record))
             except (BrokenPipeError, OSError):
                 pass  # the worker is gone: its error (or its death) is read below
-        updates = []
+        results: list[ClientResult] = []
         for conn, proc, cids in zip(self.conns, self.procs, self.groups):
             try:
                 status, *rest = conn.recv()
@@ -87,8 +88,8 @@ class ClientWorkers:
             if status == "error":
                 exc, tb = rest
                 raise exc from RuntimeError(f"in the worker process of clients {cids}:\n{tb}")
-            updates += rest[0]
-        return sorted(updates, key=lambda u: u.client)
+            results += rest[0]
+        return sorted(results, key=lambda r: r.update.client)
 
     def close(self) -> None:
         for conn in self.conns:
