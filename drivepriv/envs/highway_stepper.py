@@ -1,4 +1,4 @@
-"""Dynamics residual: step the real simulator from a (reconstructed) state and compare.
+"""highway-env's dynamics-residual stepper: step the real simulator from a (reconstructed) state and compare.
 
 The simulator's own dynamics are the reference: the vehicles of an observation are placed on
 the scenario's road (ego as the controlled vehicle, neighbours as the scenario's traffic
@@ -76,3 +76,15 @@ class SimulatorStepper:
             given = c.decode_world(s2[None])[0]
             out[i] = float(np.hypot(*(given[0, [ix, iy]] - sim[0, [ix, iy]])))
         return out
+
+
+class HighwayResidual:
+    """The highway backend's dynamics residual: :meth:`SimulatorStepper.ego_residual_m` on one
+    environment the residual owns (closed by :meth:`close`)."""
+
+    def __init__(self, env, codec: ObservationCodec) -> None:
+        self.env = env
+        self.residual = SimulatorStepper(env, codec).ego_residual_m
+
+    def close(self) -> None:
+        self.env.close()
