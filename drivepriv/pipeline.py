@@ -23,7 +23,7 @@ from drivepriv.agents.algorithms import ActionSpec, make_algorithm
 from drivepriv.attacks import AttackInput, Priors, Reconstruction, make_attack
 from drivepriv.attacks.chain import layer_ranks
 from drivepriv.config import RunConfig, dump_yaml
-from drivepriv.envs import make_codec, make_env
+from drivepriv.envs import backend_of, make_codec, make_env
 from drivepriv.errors import ConfigError
 from drivepriv.federation.defenses import DefenseStack
 from drivepriv.federation.inprocess import evaluate_policy, resolve_attacked
@@ -37,10 +37,8 @@ from drivepriv.parallel import Background, fan_out, ray_fan_out
 from drivepriv.report.build import build_report
 from drivepriv.results import BatchRecord, save_batches
 from drivepriv.priors.dynamics import Rollouts, collect_rollouts, fit_dynamics, fit_reward
-from drivepriv.priors.physics import KinematicPrior
-from drivepriv.priors.reward import ObservationReward, make_reward
+from drivepriv.priors.backends import physics_prior  # noqa: F401  (re-exported: it lived here)
 from drivepriv.priors.road import RoadGeometry
-from drivepriv.priors.state import box_penalty, state_penalty
 from drivepriv.seeding import derive_seed, reproducible_torch, seed_everything
 
 log = logging.getLogger(__name__)
@@ -150,39 +148,20 @@ def build_priors(cfg: RunConfig, progress: bool, rollouts: Rollouts | None = Non
     transition model fitted on its own rollouts (:func:`attacker_rollouts`, or ``rollouts``
     when they were driven beforehand).
 
-    highway-env: road geometry, the reward function and vehicle kinematics in closed form.
-    Control tasks: their exact equations (transition, reward) stand for both transition
-    priors. MetaDrive (Bullet physics): a transition model and a reward model learned from
-    the attacker's rollouts, and the observation's feasibility constraints."""
+    What the simulator gives in closed form comes from its backend's ``priors``
+    (:mod:`drivepriv.priors.backends`: highway-env's road, reward function and kinematics;
+    the control tasks' exact equations; MetaDrive's feasibility constraints); a reward or
+    transition model it does not give is learned from the attacker's rollouts."""
     codec = make_codec(cfg.env)
     env = make_env(cfg.env)
     env.reset(seed=derive_seed(cfg.seed, "attacker", "road"))
     actions = ActionSpec.of(env.action_space)
     try:
-        road = None
-        physics = reward = dynamics = None
-        stats: dict[str, float] = {}
-        if cfg.env.backend == "highway" and codec.kind == "kinematics":
-            road = RoadGeometry.from_env(env)
-            fn = make_reward(cfg.env, env)
-            reward = ObservationReward(fn, codec) if fn is not None else None
-            physics = physics_prior(env, codec, road) if not actions.continuous else None
-            penalty = lambda obs: state_penalty(obs, codec, road)  # noqa: E731
-        elif cfg.env.backend == "highway":  # the flattened goal observation (parking)
-            penalty = lambda obs: box_penalty(obs, codec)  # noqa: E731
-        elif cfg.env.backend == "control":
-            from drivepriv.priors.control import control_prior, control_state_penalty
-
-            exact = control_prior(cfg.env.id, cfg.env.config)
-            physics = dynamics = exact.predict
-            reward = exact.reward
-            penalty = lambda obs: control_state_penalty(obs, cfg.env.id)  # noqa: E731
-        else:
-            from drivepriv.priors.metadrive import metadrive_state_penalty
-
-            penalty = lambda obs: metadrive_state_penalty(obs, codec)  # noqa: E731
+        known = backend_of(cfg.env).load("priors")(cfg.env, env, codec, actions.continuous)
     finally:
         env.close()
+    road, reward, dynamics, physics = known.road, known.reward, known.dynamics, known.physics
+    stats: dict[str, float] = {}
     if rollouts is None:
         log.info("attacker: driving the public simulator for %d steps to fit its transition prior", cfg.attack.dynamics.rollout_steps)
         rollouts = attacker_rollouts(cfg, progress)
@@ -197,19 +176,10 @@ def build_priors(cfg: RunConfig, progress: bool, rollouts: Rollouts | None = Non
         reward=reward,
         dynamics=dynamics,
         physics=physics,
-        state_penalty=penalty,
+        state_penalty=known.state_penalty,
         prior_states=rollouts.states,
     )
     return priors, stats, road
-
-
-def physics_prior(env, codec, road):
-    """The closed-form kinematic prior's ``predict``, or None where it does not apply."""
-    try:
-        return KinematicPrior.from_env(env, codec, road).predict
-    except (ValueError, NotImplementedError) as e:
-        log.info("no physics prior for %s: %s", env.spec.id if env.spec else env, e)
-        return None
 
 
 def attack_input(model: torch.nn.Module, view: ServerView, priors: Priors, obs_shape: tuple[int, ...], n_actions: int) -> AttackInput:
@@ -249,7 +219,7 @@ def _truth(gt: GroundTruth) -> Truth:
 
 def metric_columns(codec, continuous: bool) -> list[str]:
     """metrics.csv's columns for a scenario's observation codec."""
-    if codec.kind == "vector":
+    if codec.flat:
         return vector_metric_columns(codec, continuous) + IDENTIFIABILITY_COLUMNS
     cols = list(METRIC_COLUMNS)
     return [("action_abs_err" if c == "action_acc" and continuous else c) for c in cols] + IDENTIFIABILITY_COLUMNS
@@ -257,34 +227,20 @@ def metric_columns(codec, continuous: bool) -> list[str]:
 
 def score_any(truth: Truth, rec: Reconstruction, codec) -> tuple[dict[str, float], np.ndarray]:
     """Score a reconstruction with the codec's metrics (Kinematics or flat observations)."""
-    if codec.kind == "vector":
+    if codec.flat:
         return score_vector(truth, rec.states, rec.actions, rec.rewards, rec.next_states, codec)
     return score(truth, rec.states, rec.actions, rec.rewards, rec.next_states, codec)
 
 
 class DynamicsResidual:
-    """The simulator stepped from a (reconstructed) (s, a), compared with the given s'
-    (highway-env: ego position in m; control tasks: physical state distance). MetaDrive's
-    Bullet state cannot be set from an observation: no residual there (NaN)."""
+    """The simulator stepped from a (reconstructed) (s, a), compared with the given s', by the
+    backend's stepper (highway-env: ego position in m; control tasks: physical state distance).
+    Where the backend has none (MetaDrive's Bullet state cannot be set from an observation;
+    highway-env's continuous actions or goal observation): NaN."""
 
     def __init__(self, cfg: RunConfig, codec) -> None:
-        self.fn = None
-        self.env = None
-        if cfg.env.backend == "highway":
-            from drivepriv.metrics.dynamics import SimulatorStepper
-
-            env = make_env(cfg.env)
-            if hasattr(env.action_space, "n") and codec.kind == "kinematics":
-                self.env = env
-                self.fn = SimulatorStepper(env, codec).ego_residual_m
-            else:  # continuous actions or the goal observation: the stepper does not apply
-                env.close()
-        elif cfg.env.backend == "control":
-            from drivepriv.envs.control import ControlStepper
-
-            stepper = ControlStepper(cfg.env)
-            self.fn = stepper.residual
-            self.env = getattr(stepper, "env", None)
+        self.stepper = backend_of(cfg.env).residual(cfg.env, codec)
+        self.fn = None if self.stepper is None else self.stepper.residual
 
     def __call__(self, states: np.ndarray, actions: np.ndarray, next_states: np.ndarray) -> float:
         if self.fn is None:
@@ -292,8 +248,8 @@ class DynamicsResidual:
         return float(np.median(self.fn(states, actions, next_states)))
 
     def close(self) -> None:
-        if self.env is not None:
-            self.env.close()
+        if self.stepper is not None:
+            self.stepper.close()
 
 
 def start_run(cfg: RunConfig, command: str, run_id: str | None, default_command: str) -> tuple[Path, Path]:
@@ -391,7 +347,7 @@ def attack_and_report(
     residual_of = DynamicsResidual(cfg, codec)
     continuous = any(t.continuous for t in truths.values())
     columns = metric_columns(codec, continuous)
-    suffix = "_m" if codec.kind == "kinematics" else ""
+    suffix = codec.distance_suffix
 
     views = sorted(views, key=lambda v: (v.round, v.client))
     inputs = [attack_input(model, view, priors, obs_shape, n_actions) for view in views]

@@ -1,9 +1,11 @@
 """Simulator backends, observation codecs and truth recording. Knows nothing of federation or attacks.
 
-``make_env`` and ``make_codec`` dispatch on ``EnvConfig.backend``: highway-env (Kinematics
-observation, :mod:`drivepriv.envs.highway`), MetaDrive (lidar and state, one worker process per
-environment, :mod:`drivepriv.envs.metadrive`) and gymnasium's classic control tasks
-(:mod:`drivepriv.envs.control`). The backends are imported when first used.
+One :class:`Backend` per simulator, registered in :mod:`drivepriv.envs.backends` and looked up
+by ``EnvConfig.backend`` (:func:`backend_of`): highway-env (Kinematics observation,
+:mod:`drivepriv.envs.highway`), MetaDrive (lidar and state, one worker process per environment,
+:mod:`drivepriv.envs.metadrive`) and gymnasium's classic control tasks
+(:mod:`drivepriv.envs.control`). ``make_env`` and ``make_codec`` ask the backend; the
+simulators are imported when first used.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")  # "dummy" renders all-bla
 os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 
+from drivepriv.envs.backends import BACKENDS, Backend, backend_of
 from drivepriv.envs.codec import ObservationCodec
 from drivepriv.envs.vector import VectorCodec, VectorFeature
 
@@ -26,32 +29,12 @@ if TYPE_CHECKING:
 
 def make_env(cfg: "EnvConfig", render_mode: str | None = None) -> "gym.Env":
     """The scenario's environment (unseeded: call ``reset(seed=...)``)."""
-    if cfg.backend == "metadrive":
-        from drivepriv.envs.metadrive import make_metadrive_env
-
-        return make_metadrive_env(cfg, render_mode)
-    if cfg.backend == "control":
-        from drivepriv.envs.control import make_control_env
-
-        return make_control_env(cfg, render_mode)
-    from drivepriv.envs.highway import make_env as make_highway_env
-
-    return make_highway_env(cfg, render_mode)
+    return backend_of(cfg).make_env(cfg, render_mode)
 
 
 def make_codec(cfg: "EnvConfig") -> ObservationCodec | VectorCodec:
     """The codec that decodes the scenario's observations into physical units."""
-    if cfg.backend == "metadrive":
-        from drivepriv.envs.metadrive import metadrive_codec
-
-        return metadrive_codec(cfg)
-    if cfg.backend == "control":
-        from drivepriv.envs.control import control_codec
-
-        return control_codec(cfg.id)
-    from drivepriv.envs.highway import make_codec as make_highway_codec
-
-    return make_highway_codec(cfg)
+    return backend_of(cfg).make_codec(cfg)
 
 
-__all__ = ["ObservationCodec", "VectorCodec", "VectorFeature", "make_env", "make_codec"]
+__all__ = ["BACKENDS", "Backend", "ObservationCodec", "VectorCodec", "VectorFeature", "backend_of", "make_env", "make_codec"]

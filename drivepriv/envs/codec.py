@@ -31,6 +31,13 @@ class ObservationCodec:
     ranges: dict[str, tuple[float, float]]
 
     kind = "kinematics"
+    #: Rows carry positions in metres (the ego's absolute, neighbours' relative to it): road
+    #: geometry, the simulator's ego step, trips' ADE/FDE and per-feature leakage in m apply.
+    has_positions = True
+    #: Not one flat vector of named features: scored per vehicle row (:mod:`drivepriv.metrics.scores`).
+    flat = False
+    #: Unit suffix of the distance columns (``dyn_residual_m``): the residual is an ego distance in m.
+    distance_suffix = "_m"
 
     @property
     def n_features(self) -> int:

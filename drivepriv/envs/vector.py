@@ -49,6 +49,12 @@ class VectorCodec:
     unbounded_box: float = 10.0
 
     kind = "vector"
+    #: No vehicle rows with positions in metres: trips' ADE/FDE and road geometry do not apply.
+    has_positions = False
+    #: One flat vector of named features, scored group by group (:mod:`drivepriv.metrics.vector`).
+    flat = True
+    #: Unit suffix of the distance columns: none (the residual is a distance over mixed units).
+    distance_suffix = ""
 
     @property
     def obs_shape(self) -> tuple[int]:

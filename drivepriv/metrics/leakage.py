@@ -107,7 +107,7 @@ def feature_leakage(records: list[BatchRecord], codec) -> pd.DataFrame:
     rows = []
     for attack in attacks:
         pairs = [(r.truth, r.recon[attack]) for r in records if attack in r.recon]
-        if codec.kind == "kinematics":
+        if codec.has_positions:
             errs: dict[str, list[np.ndarray]] = {}
             for truth, rec in pairs:
                 for k, v in _kinematic_errors(truth, rec, codec).items():

@@ -151,7 +151,7 @@ class _Features:
 def features(obs: np.ndarray, codec: Codec) -> _Features:
     """Physical features of observations (N, *obs_shape); presence rounded, the ego always present."""
     obs = np.asarray(obs, dtype=np.float64)
-    if codec.kind != "kinematics":
+    if not codec.has_positions:
         return _Features(flat=codec.to_physical(obs.reshape(len(obs), -1)))
     missing = [f for f in ("presence", "x", "y") if f not in codec.features]
     if missing:
@@ -400,7 +400,7 @@ def trips_for_run(records: list[BatchRecord], codec: Codec, tolerance: TripToler
         log.debug("trips %s: %d rows, %d links, %d trips of 2+", attack, stats["pool_rows"], stats["links"], stats["trips"])
     trips = pd.DataFrame(trip_rows, columns=["attack", "client", "trip", "transitions", "samples", "rounds", "n_rounds", "links", "correct_links", "max_link_cost", "ade_m", "fde_m"])
     reid = pd.DataFrame(reid_rows, columns=["attack", "client", "round", "fragment", "transitions", "attributed", "correct", "cost", "evidence", "candidates"])
-    note = "" if codec.kind == "kinematics" else "ADE/FDE need absolute positions; a flat observation has none"
+    note = "" if codec.has_positions else "ADE/FDE need absolute positions; a flat observation has none"
     summary_df = pd.DataFrame(summary).assign(note=note)
     return TripResult(trips, reid, summary_df, dict(TRIP_HELP))
 
@@ -439,7 +439,7 @@ def _truth_pool(records: list[BatchRecord], codec: Codec) -> _Truth:
     for k, r in enumerate(records):
         for i, o in enumerate(np.asarray(r.origins)):
             t.origin[(k, i)] = (int(o[0]), int(o[1]))
-        if codec.kind == "kinematics":
+        if codec.has_positions:
             ps, pn = features(r.truth["states"], codec).ego_pos, features(r.truth["next_states"], codec).ego_pos
             for i in range(len(ps)):
                 t.pos[(k, i)], t.next_pos[(k, i)] = ps[i], pn[i]
@@ -449,7 +449,7 @@ def _truth_pool(records: list[BatchRecord], codec: Codec) -> _Truth:
 def _score_trips(attack, pool, fs, fn, truth: _Truth, tol, codec) -> tuple[list[dict], dict]:
     rows, links, correct, dup_pairs, dup_correct, true_dups = [], 0, 0, 0, 0, 0
     covered, true_pairs = set(), set()
-    kin = codec.kind == "kinematics"
+    kin = codec.has_positions
     for client in np.unique(pool.client):
         idx = np.nonzero(pool.client == client)[0]
         ch = build_chains(fs.take(idx), fn.take(idx), pool.record[idx], tol, codec)

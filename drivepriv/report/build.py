@@ -13,18 +13,16 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from drivepriv.config import RunConfig
-from drivepriv.envs import make_codec, make_env
+from drivepriv.envs import backend_of, make_codec
 from drivepriv.errors import ConfigError
 from drivepriv.federation.strategies import strategy
 from drivepriv.metrics.leakage import feature_leakage, leakage_by_round, verdict
 from drivepriv.parallel import fan_out
 from drivepriv.results import BatchRecord, load_batches
-from drivepriv.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -81,77 +79,24 @@ def _read_json(path: Path) -> dict:
         raise ConfigError(f"{path} cannot be read ({e}); run `drivepriv eval` again") from None
 
 
-def _road_and_names(cfg: RunConfig, codec):
-    """The public road geometry (as the attacker reads it) and the action names (highway-env only)."""
-    if cfg.env.backend != "highway":
-        return None, ()
-    from drivepriv.envs.highway import action_names
-    from drivepriv.priors.road import RoadGeometry
-
-    env = make_env(cfg.env)
-    try:
-        env.reset(seed=derive_seed(cfg.seed, "attacker", "road"))
-        road = RoadGeometry.from_env(env) if codec.kind == "kinematics" else None
-        names = action_names(env) if hasattr(env.action_space, "n") else ()
-    finally:
-        env.close()
-    return road, names
-
-
 def metric_help(codec) -> dict[str, str]:
     from drivepriv.metrics.scores import METRIC_HELP
     from drivepriv.metrics.vector import vector_metric_help
 
     extra = {"action_abs_err": "mean absolute error of the continuous action (actions in [-1, 1])"}
-    return (vector_metric_help(codec) if codec.kind == "vector" else METRIC_HELP | extra) | {"time_s": "wall time of the attack (s)"}
+    return (vector_metric_help(codec) if codec.flat else METRIC_HELP | extra) | {"time_s": "wall time of the attack (s)"}
 
 
-def _batch_media(cfg: RunConfig, run_dir: Path, rec: BatchRecord, codec, road, names, with_video: bool) -> dict:
-    """Figure and video of one attacked batch (files named after the batch)."""
-    from drivepriv.report import SceneBatch, draw_batch_figure, write_replay_video
-
-    truth, recs = rec.truth, rec.recon
-    label, stem = rec.label, rec.stem
-    fig = vid = None
-    if codec.kind == "vector":
-        rec_states = {n: r["states"] for n, r in recs.items()}
-        if cfg.env.backend == "metadrive":
-            from drivepriv.report.metadrive import draw_lidar_scene, write_lidar_video
-
-            if cfg.report.figures:
-                import imageio.v3 as iio
-
-                fig = run_dir / "figures" / f"{stem}.png"
-                fig.parent.mkdir(parents=True, exist_ok=True)
-                iio.imwrite(fig, draw_lidar_scene(truth["states"][0], {n: s[0] for n, s in rec_states.items()}, codec, title=label))
-            if with_video:
-                vid = write_lidar_video(truth["states"], rec_states, codec, run_dir / "videos" / f"{stem}.mp4", fps=max(1, cfg.report.fps // 8))
-        elif cfg.report.figures:
-            from drivepriv.report.vector import draw_vector_figure
-
-            fig = draw_vector_figure(truth["states"], truth["next_states"], {n: (r["states"], r["next_states"]) for n, r in recs.items()}, codec, run_dir / "figures" / f"{stem}.png", title=label)
-    else:
-        discrete = np.ndim(truth["actions"]) == 1
-        scene = SceneBatch(
-            label=label,
-            features=codec.features,
-            truth_states=codec.decode_world(truth["states"]),
-            truth_next_states=codec.decode_world(truth["next_states"]),
-            recon={n: (codec.decode_world(r["states"]), codec.decode_world(r["next_states"])) for n, r in recs.items()},
-            # continuous actions have no names to caption
-            actions=truth["actions"] if discrete else None,
-            recon_actions={n: r["actions"] for n, r in recs.items()} if discrete else {},
-            action_names=names,
-        )
-        fig = draw_batch_figure(scene, road, run_dir / "figures" / f"{stem}.png") if cfg.report.figures else None
-        vid = write_replay_video(scene, road, run_dir / "videos" / f"{stem}.mp4", fps=cfg.report.fps) if with_video else None
-    return {"label": label, "figure": str(fig.relative_to(run_dir)) if fig else None, "video": str(vid.relative_to(run_dir)) if vid else None}
+def _batch_media(run_dir: Path, rec: BatchRecord, figures, with_video: bool) -> dict:
+    """Figure and video of one attacked batch (files named after the batch), drawn by the backend's figures."""
+    fig, vid = figures.draw(run_dir, rec, with_video)
+    return {"label": rec.label, "figure": str(fig.relative_to(run_dir)) if fig else None, "video": str(vid.relative_to(run_dir)) if vid else None}
 
 
 def compute_trips(records: list[BatchRecord], codec) -> tuple[pd.DataFrame | None, pd.DataFrame | None, dict[str, str]]:
-    """Trips and re-identification (highway-env Kinematics runs with per-client batches)."""
+    """Trips and re-identification (observations with positions, e.g. highway-env Kinematics, and per-client batches)."""
     per_client = [r for r in records if r.client >= 0]
-    if codec.kind != "kinematics" or not per_client:
+    if not codec.has_positions or not per_client:
         return None, None, {}
     from drivepriv.metrics.trips import trips_for_run
 
@@ -204,7 +149,7 @@ def build_report(run_dir: Path, progress: bool = False) -> BuiltReport:
     privacy, utility = pu.get("privacy", {}), pu.get("utility", {})
     versions = _read_json(run_dir / "versions.json")
     codec = make_codec(cfg.env)
-    road, names = _road_and_names(cfg, codec)
+    figures = backend_of(cfg.env).load("figures")(cfg, codec)  # reads the public road now, before the fan-out
 
     leakage = feature_leakage(records, codec)
     leakage.to_csv(run_dir / "leakage.csv", index=False, float_format="%.6g")
@@ -220,7 +165,7 @@ def build_report(run_dir: Path, progress: bool = False) -> BuiltReport:
         rounds_figure = plot_by_round(by_round, run_dir / "figures" / "by_round.png").relative_to(run_dir).as_posix()
 
     bar = tqdm(total=len(records), desc="report", unit="batch", disable=not progress, leave=False)
-    batches = fan_out(lambda k: _batch_media(cfg, run_dir, records[k], codec, road, names, with_video=k < cfg.report.videos), range(len(records)), cfg.workers, done=lambda: bar.update(1))
+    batches = fan_out(lambda k: _batch_media(run_dir, records[k], figures, with_video=k < cfg.report.videos), range(len(records)), cfg.workers, done=lambda: bar.update(1))
     bar.close()
     columns = [c for c in metrics.columns if c not in ID_COLUMNS]
     with_time = metrics.merge(timings, on=["attack", "client", "round", "seed"], how="left")

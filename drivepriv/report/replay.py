@@ -22,11 +22,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from drivepriv.envs.backends import BACKENDS, backend_of
 from drivepriv.errors import ConfigError, did_you_mean
 from drivepriv.report.media import Panel, Text, compose, write_gif, write_mp4
 from drivepriv.report.plots import attack_rgb, select_transitions
-from drivepriv.report.replay_metadrive import MetaDriveRenderer
-from drivepriv.report.replay_render import ControlRenderer, HighwayRenderer, ReplayRenderer
+from drivepriv.report.replay_render import ReplayRenderer
 from drivepriv.results import BatchRecord, load_batches
 
 log = logging.getLogger(__name__)
@@ -147,12 +147,9 @@ def _caption(rec: BatchRecord, i: int, n: int, which: int, episode: int, step: i
 
 
 def make_renderer(cfg: Any) -> ReplayRenderer:
-    """The renderer of the run's simulator backend."""
-    backend = cfg.env.backend
-    if backend == "highway":
-        return HighwayRenderer(cfg)
-    if backend == "control":
-        return ControlRenderer(cfg)
-    if backend == "metadrive":
-        return MetaDriveRenderer(cfg)
-    raise ConfigError(f"env.backend: replay cannot render backend '{backend}'; it renders highway, metadrive and control")
+    """The renderer of the run's simulator backend (its ``renderer`` entry point)."""
+    backend = backend_of(cfg.env)
+    if backend.renderer is None:
+        can = [name for name in BACKENDS if BACKENDS.get(name).renderer is not None]
+        raise ConfigError(f"env.backend: replay cannot render backend '{backend.name}'; it renders {', '.join(can)}")
+    return backend.load("renderer")(cfg)
