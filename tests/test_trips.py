@@ -11,7 +11,8 @@ import pytest
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_codec
 from drivepriv.envs.control import control_codec
-from drivepriv.metrics.trips import TripTolerance, attacker_pool, build_chains, features, tolerance_sweep, trips_for_run, trips_for_run_dir
+from drivepriv.attacks.trips import TripTolerance, attacker_pool, build_chains, features
+from drivepriv.metrics.trips import tolerance_sweep, trips_for_run, trips_for_run_dir
 from drivepriv.results import BatchRecord
 
 CODEC = make_codec(RunConfig().env)  # merge: 5 vehicles, absolute ego row
@@ -136,7 +137,7 @@ def test_attacker_side_never_reads_the_truth():
     reid_cols = ["client", "round", "fragment", "transitions", "attributed", "cost", "candidates"]
     assert a.reid[reid_cols].equals(b.reid[reid_cols])
     # and the attacker's pool holds nothing the truth wrote
-    pool = attacker_pool(records, "fake")
+    pool = attacker_pool([(r.client, r.round, r.recon) for r in records], "fake")
     assert not any(np.shares_memory(x, r.truth[k]) for x in (pool.states, pool.next_states) for r in records for k in r.truth)
 
 

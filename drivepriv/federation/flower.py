@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from drivepriv.config import RunConfig
 from drivepriv.errors import ConfigError, DriveprivError
 from drivepriv.federation.defenses import DefenseStack
-from drivepriv.federation.flower_support import load_truth, require_flower, save_truth
+from drivepriv.federation.flower_support import LOST_WORKER, load_truth, quiet_flower, require_flower, save_truth
 from drivepriv.federation.inprocess import Client, Server, sampled_clients, setup
 from drivepriv.federation.strategies import STRATEGIES
 from drivepriv.federation.recorder import TruthRecorder
@@ -205,10 +205,6 @@ class ClientFailed(DriveprivError):
     often than ``federation.flower_retries`` allows."""
 
 
-#: How Ray words a worker that died under an actor (killed, out of memory, its node gone).
-_LOST_WORKER = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "OutOfMemoryError", "NodeDiedError")
-
-
 class DrivePrivStrategy(Strategy):
     """drivepriv's server (:class:`~drivepriv.federation.inprocess.Server`) as a Flower strategy:
     the round's sampled clients train (every client unless ``federation.fraction`` < 1); the
@@ -291,7 +287,7 @@ class DrivePrivStrategy(Strategy):
 
 
 def _lost_worker(reply: Message) -> bool:
-    return reply.has_error() and any(k in reply.error.reason for k in _LOST_WORKER)
+    return reply.has_error() and any(k in reply.error.reason for k in LOST_WORKER)
 
 
 class _RetryingGrid:
@@ -404,7 +400,7 @@ def run_flower(cfg: RunConfig, attacked: set[tuple[int, int]], progress: bool = 
                 failure.append(e)
                 raise
 
-        quiet = _quiet_flower()
+        quiet = quiet_flower()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -421,28 +417,6 @@ def run_flower(cfg: RunConfig, attacked: set[tuple[int, int]], progress: bool = 
     result = dataclasses.replace(server.result(views=curious.views), truths=strategy.recorder.truths)
     result.cluster = {"engine": "flower", "ray_address": fed.ray_address or "local", "client_nodes": len(strategy.nodes)}
     return result
-
-
-def _quiet_flower():
-    """Flower logs every round at INFO, and warns at every call that ``run_simulation`` is
-    deprecated in favour of ``flwr run`` (docs/flower.md); keep its errors only (a failed client is
-    raised by the strategy), less the lost workers that drivepriv handles. Returns an undo."""
-    flwr_log = logging.getLogger("flwr")
-    level = flwr_log.level
-    flwr_log.setLevel(logging.ERROR)
-    flwr_log.addFilter(_drop_lost_worker)
-    return lambda: (flwr_log.setLevel(level), flwr_log.removeFilter(_drop_lost_worker))
-
-
-def _drop_lost_worker(record: logging.LogRecord) -> bool:
-    """Flower logs a lost Ray worker as errors (a preface, the exception, its traceback);
-    drivepriv's grid retries it with a warning, or stops with a ClientFailed that carries Ray's
-    reason. Flower's other errors are kept."""
-    if record.pathname.endswith("raybackend.py"):
-        return False  # "An exception was raised when processing a message": the details follow
-    if isinstance(record.msg, BaseException):
-        return not {c.__name__ for c in type(record.msg).__mro__} & set(_LOST_WORKER)
-    return not (record.pathname.endswith("vce_api.py") and any(k in record.getMessage() for k in _LOST_WORKER))
 
 
 def _shutdown_ray() -> None:

@@ -3,6 +3,7 @@ that the optional extra is installed, and the ground-truth files of simulated cl
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -74,4 +75,30 @@ def load_truth(folder: str | Path, rnd: int, client: int):
         return GroundTruth(rnd, client, batches, origins, bool(z["continuous"]))
 
 
-__all__ = ["FLOWER_VERSION", "INSTALL", "OFFLINE_ENV", "load_truth", "require_flower", "save_truth"]
+#: How Ray words a worker that died under an actor (killed, out of memory, its node gone).
+LOST_WORKER = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "OutOfMemoryError", "NodeDiedError")
+
+
+def quiet_flower():
+    """Flower logs every round at INFO, and warns at every call that ``run_simulation`` is
+    deprecated in favour of ``flwr run`` (docs/flower.md); keep its errors only (a failed client is
+    raised by the strategy), less the lost workers that drivepriv handles. Returns an undo."""
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    flwr_log.setLevel(logging.ERROR)
+    flwr_log.addFilter(_drop_lost_worker)
+    return lambda: (flwr_log.setLevel(level), flwr_log.removeFilter(_drop_lost_worker))
+
+
+def _drop_lost_worker(record: logging.LogRecord) -> bool:
+    """Flower logs a lost Ray worker as errors (a preface, the exception, its traceback);
+    drivepriv's grid retries it with a warning, or stops with a ClientFailed that carries Ray's
+    reason. Flower's other errors are kept."""
+    if record.pathname.endswith("raybackend.py"):
+        return False  # "An exception was raised when processing a message": the details follow
+    if isinstance(record.msg, BaseException):
+        return not {c.__name__ for c in type(record.msg).__mro__} & set(LOST_WORKER)
+    return not (record.pathname.endswith("vce_api.py") and any(k in record.getMessage() for k in LOST_WORKER))
+
+
+__all__ = ["FLOWER_VERSION", "INSTALL", "LOST_WORKER", "OFFLINE_ENV", "load_truth", "quiet_flower", "require_flower", "save_truth"]
