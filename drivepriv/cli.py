@@ -70,7 +70,7 @@ def _grid(text: str | None) -> list[float] | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from drivepriv.pipeline import run_eval, tidy_summary
+    from drivepriv.pipeline import run_eval
 
     cfg = build_config(args)
     t0 = time.perf_counter()
@@ -94,7 +94,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import pandas as pd
 
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 3):
-        print(tidy_summary(result.metrics).to_string())
+        print(_tidy_summary(result.metrics).to_string())
     print(f"\nmedians over {result.metrics[['client', 'round']].drop_duplicates().shape[0]} attacked batches, seed {cfg.seed}; "
           f"{time.perf_counter() - t0:.0f} s")
     print(f"{result.verdict.get('headline', '')}")
@@ -130,14 +130,27 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tidy_summary(metrics: "pd.DataFrame") -> "pd.DataFrame":
+    """Median of the headline metrics per attack, for the terminal."""
+    cols = ["ego_pos_err_m", "ego_speed_err_mps", "neighbour_pos_err_m", "action_acc", "reward_abs_err", "next_state_err_m", "dyn_residual_m", "dyn_residual_truth_m"]
+    if "state_rmse" in metrics.columns:  # flat observations (MetaDrive, control tasks)
+        skip = {"attack", "client", "round", "seed", "batch_size", "local_steps", "grad_distance"}
+        cols = [c for c in metrics.columns if c not in skip][:9]
+    cols = [("action_abs_err" if c == "action_acc" and "action_acc" not in metrics.columns else c) for c in cols]
+    out = metrics.groupby("attack", sort=False)[cols].median()
+    out.insert(0, "n", metrics.groupby("attack", sort=False).size())
+    return out
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     runs = [Path(r) for r in args.runs]
     if len(runs) == 1 and args.out is None:
+        from drivepriv.metrics.run_scores import score_run_dir
         from drivepriv.report.build import build_report
 
-        built = build_report(runs[0], progress=not args.no_progress)
+        built = build_report(runs[0], score_run_dir(runs[0]), progress=not args.no_progress)
         print(built.verdict.get("headline", ""))
         print(f"report: {built.path}")
         return 0

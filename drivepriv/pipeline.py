@@ -31,13 +31,13 @@ from drivepriv.federation.run import run_federation
 from drivepriv.federation.strategies import strategy
 from drivepriv.federation.types import GroundTruth, ServerView
 from drivepriv.metrics.identifiability import determined_transitions, separable_transitions
+from drivepriv.metrics.run_scores import score_run_dir
 from drivepriv.metrics.scores import Truth, score
 from drivepriv.metrics.vector import score_vector, vector_metric_columns
 from drivepriv.parallel import Background, fan_out, ray_fan_out
 from drivepriv.report.build import build_report
 from drivepriv.results import BatchRecord, save_batches
 from drivepriv.priors.dynamics import Rollouts, collect_rollouts, fit_dynamics, fit_reward
-from drivepriv.priors.backends import physics_prior  # noqa: F401  (re-exported: it lived here)
 from drivepriv.priors.road import RoadGeometry
 from drivepriv.seeding import derive_seed, reproducible_torch, seed_everything
 
@@ -423,9 +423,12 @@ def attack_and_report(
     if privacy_utility is not None:
         privacy, utility = privacy_utility
         write_privacy_utility(work, privacy, utility.result())
+    # leakage, by round, trips, the verdict: scored from the saved results before the report
+    # renders them, exactly as `drivepriv report` rescores a run folder later
+    scores = score_run_dir(work)
     stages["scoring"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    built = build_report(work, progress=progress)
+    built = build_report(work, scores, progress=progress)
     stages["report"] = time.perf_counter() - t0
     info = json.loads((work / "run.json").read_text())
     info["stage_seconds"] = {k: round(v, 2) for k, v in stages.items()}  # wall time, not part of the results
@@ -434,15 +437,3 @@ def attack_and_report(
     (work / "run.json").write_text(json.dumps(info, indent=2))
     shutil.move(str(work), str(final_dir))
     return RunResult(final_dir, metrics, built.summary, built.verdict)
-
-
-def tidy_summary(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Median of the headline metrics per attack, for the terminal."""
-    cols = ["ego_pos_err_m", "ego_speed_err_mps", "neighbour_pos_err_m", "action_acc", "reward_abs_err", "next_state_err_m", "dyn_residual_m", "dyn_residual_truth_m"]
-    if "state_rmse" in metrics.columns:  # flat observations (MetaDrive, control tasks)
-        skip = {"attack", "client", "round", "seed", "batch_size", "local_steps", "grad_distance"}
-        cols = [c for c in metrics.columns if c not in skip][:9]
-    cols = [("action_abs_err" if c == "action_acc" and "action_acc" not in metrics.columns else c) for c in cols]
-    out = metrics.groupby("attack", sort=False)[cols].median()
-    out.insert(0, "n", metrics.groupby("attack", sort=False).size())
-    return out

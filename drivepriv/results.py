@@ -16,13 +16,16 @@ permuted so row i is matched to true transition i):
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from drivepriv.config import RunConfig
 from drivepriv.errors import ConfigError
 
 FILENAME = "reconstructions.npz"
@@ -97,3 +100,34 @@ def load_batches(run_dir: Path) -> list[BatchRecord]:
                 recon.setdefault(attack, {})[name] = v
         records.append(BatchRecord(int(client), int(rnd), truth, data[prefix + "origins"], recon))
     return records
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The resolved configuration a run wrote; a clear error when the folder is not a run."""
+    from drivepriv.scenarios import load_scenario  # the scenarios' YAML loader (it reads the run's own file)
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is not a folder; give the folder of a run (e.g. reports/merge/merge-seed0-<time>)")
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no config.yaml: it is not a drivepriv run folder (or the run did not finish)")
+    return load_scenario(str(path))
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise ConfigError(f"{path.parent} has no {path.name}: the run did not finish; run `drivepriv eval` again")
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} cannot be read ({e}); run `drivepriv eval` again") from None
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} cannot be read ({e}); run `drivepriv eval` again") from None

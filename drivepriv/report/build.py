@@ -2,12 +2,12 @@
 ``drivepriv report RUN_DIR`` calls it again later, without training or attacking anything.
 
 Reads config.yaml, metrics.csv, timings.csv, reconstructions.npz, privacy_utility.json and
-run.json; writes leakage.csv, trips.csv, trips_summary.csv, figures/, videos/ and report.html.
+run.json, and renders the scores the metrics stage computed (:mod:`drivepriv.metrics.run_scores`:
+leakage, leakage by round, trips, the verdict); writes figures/, videos/ and report.html.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -18,11 +18,10 @@ from tqdm.auto import tqdm
 
 from drivepriv.config import RunConfig
 from drivepriv.envs import backend_of, make_codec
-from drivepriv.errors import ConfigError
 from drivepriv.federation.strategies import strategy
-from drivepriv.metrics.leakage import feature_leakage, leakage_by_round, verdict
+from drivepriv.metrics.run_scores import RunScores
 from drivepriv.parallel import fan_out
-from drivepriv.results import BatchRecord, load_batches
+from drivepriv.results import BatchRecord, load_batches, load_run_config, read_csv, read_json
 
 log = logging.getLogger(__name__)
 
@@ -48,37 +47,6 @@ class BuiltReport:
     trips: pd.DataFrame | None
 
 
-def load_run_config(run_dir: Path) -> RunConfig:
-    """The resolved configuration a run wrote; a clear error when the folder is not a run."""
-    from drivepriv.scenarios import load_scenario
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(f"{run_dir} is not a folder; give the folder of a run (e.g. reports/merge/merge-seed0-<time>)")
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} has no config.yaml: it is not a drivepriv run folder (or the run did not finish)")
-    return load_scenario(str(path))
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise ConfigError(f"{path.parent} has no {path.name}: the run did not finish; run `drivepriv eval` again")
-    try:
-        return pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} cannot be read ({e}); run `drivepriv eval` again") from None
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} cannot be read ({e}); run `drivepriv eval` again") from None
-
-
 def metric_help(codec) -> dict[str, str]:
     from drivepriv.metrics.scores import METRIC_HELP
     from drivepriv.metrics.vector import vector_metric_help
@@ -91,17 +59,6 @@ def _batch_media(run_dir: Path, rec: BatchRecord, figures, with_video: bool) -> 
     """Figure and video of one attacked batch (files named after the batch), drawn by the backend's figures."""
     fig, vid = figures.draw(run_dir, rec, with_video)
     return {"label": rec.label, "figure": str(fig.relative_to(run_dir)) if fig else None, "video": str(vid.relative_to(run_dir)) if vid else None}
-
-
-def compute_trips(records: list[BatchRecord], codec) -> tuple[pd.DataFrame | None, pd.DataFrame | None, dict[str, str]]:
-    """Trips and re-identification (observations with positions, e.g. highway-env Kinematics, and per-client batches)."""
-    per_client = [r for r in records if r.client >= 0]
-    if not codec.has_positions or not per_client:
-        return None, None, {}
-    from drivepriv.metrics.trips import trips_for_run
-
-    result = trips_for_run(per_client, codec)
-    return result.trips, result.summary, dict(result.help)
 
 
 def _settings(cfg: RunConfig, privacy: dict) -> dict[str, str]:
@@ -134,32 +91,26 @@ def privacy_utility_rows(privacy: dict, utility: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def build_report(run_dir: Path, progress: bool = False) -> BuiltReport:
-    """(Re)build ``run_dir/report.html`` and its figures, videos and tables from saved results."""
+def build_report(run_dir: Path, scores: RunScores, progress: bool = False) -> BuiltReport:
+    """(Re)build ``run_dir/report.html`` and its figures, videos and tables from saved results and
+    the run's scores (the metrics stage's :class:`~drivepriv.metrics.run_scores.RunScores`):
+    rendering only, nothing here is scored."""
     from drivepriv.report import ReportContext, render_report, summarise
     from drivepriv.report.plots import plot_by_round
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    metrics = _read_csv(run_dir / "metrics.csv")
-    timings = _read_csv(run_dir / "timings.csv")
+    metrics = read_csv(run_dir / "metrics.csv")
+    timings = read_csv(run_dir / "timings.csv")
     records = load_batches(run_dir)
-    info = _read_json(run_dir / "run.json")
-    pu = _read_json(run_dir / "privacy_utility.json")
+    info = read_json(run_dir / "run.json")
+    pu = read_json(run_dir / "privacy_utility.json")
     privacy, utility = pu.get("privacy", {}), pu.get("utility", {})
-    versions = _read_json(run_dir / "versions.json")
+    versions = read_json(run_dir / "versions.json")
     codec = make_codec(cfg.env)
     figures = backend_of(cfg.env).load("figures")(cfg, codec)  # reads the public road now, before the fan-out
 
-    leakage = feature_leakage(records, codec)
-    leakage.to_csv(run_dir / "leakage.csv", index=False, float_format="%.6g")
-    trips, trips_summary, trips_help = compute_trips(records, codec)
-    if trips is not None:
-        trips.to_csv(run_dir / "trips.csv", index=False, float_format="%.6g")
-        trips_summary.to_csv(run_dir / "trips_summary.csv", index=False, float_format="%.6g")
-    by_round = leakage_by_round(metrics)
-    by_round.to_csv(run_dir / "rounds.csv", index=False, float_format="%.6g")
-    opening = verdict(leakage, trips_summary, by_round)
+    leakage, trips_summary, by_round, opening = scores.leakage, scores.trips_summary, scores.by_round, scores.verdict
     rounds_figure = None
     if by_round["round"].nunique() >= 2:
         rounds_figure = plot_by_round(by_round, run_dir / "figures" / "by_round.png").relative_to(run_dir).as_posix()
@@ -193,7 +144,7 @@ def build_report(run_dir: Path, progress: bool = False) -> BuiltReport:
         verdict=opening,
         leakage=leakage,
         trips=None if trips_summary is None else trips_summary[[c for c in TRIP_COLUMNS if c in trips_summary.columns]],
-        trips_help=trips_help,
+        trips_help=scores.trips_help,
         privacy_utility=privacy_utility_rows(privacy, utility),
         rounds_figure=rounds_figure,
     )
@@ -201,4 +152,4 @@ def build_report(run_dir: Path, progress: bool = False) -> BuiltReport:
     return BuiltReport(path, summary, opening, leakage, trips_summary)
 
 
-__all__ = ["BuiltReport", "THREAT_MODEL", "build_report", "load_run_config", "metric_help", "privacy_utility_rows"]
+__all__ = ["BuiltReport", "THREAT_MODEL", "build_report", "metric_help", "privacy_utility_rows"]

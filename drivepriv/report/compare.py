@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from drivepriv.errors import ConfigError
-from drivepriv.report.build import _read_csv, _read_json, load_run_config
+from drivepriv.results import load_run_config, read_csv, read_json
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,10 @@ def run_rows(run_dir: Path) -> list[dict]:
     leakage_path = run_dir / "leakage.csv"
     if not leakage_path.is_file():
         raise ConfigError(f"{run_dir} has no leakage.csv: rebuild its report first (drivepriv report {run_dir})")
-    leakage = _read_csv(leakage_path)
-    pu = _read_json(run_dir / "privacy_utility.json")
+    leakage = read_csv(leakage_path)
+    pu = read_json(run_dir / "privacy_utility.json")
     privacy, utility = pu.get("privacy", {}), pu.get("utility", {})
-    trips = _read_csv(run_dir / "trips_summary.csv") if (run_dir / "trips_summary.csv").is_file() else None
+    trips = read_csv(run_dir / "trips_summary.csv") if (run_dir / "trips_summary.csv").is_file() else None
     head = "ego position" if (leakage["feature"] == "ego position").any() else None
     rows = []
     for attack in dict.fromkeys(leakage["attack"]):
