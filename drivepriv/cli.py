@@ -9,12 +9,15 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drivepriv import __version__
 from drivepriv.config import RunConfig, apply_overrides, load_yaml, parse_override
 from drivepriv.errors import ConfigError, DriveprivError
 from drivepriv.scenarios import load_scenario, scenario_catalogue
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: --quick: a tiny run for tests and first tries (applied before --set and the explicit options).
 QUICK = {
@@ -130,7 +133,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tidy_summary(metrics: "pd.DataFrame") -> "pd.DataFrame":
+def _tidy_summary(metrics: pd.DataFrame) -> pd.DataFrame:
     """Median of the headline metrics per attack, for the terminal."""
     cols = ["ego_pos_err_m", "ego_speed_err_mps", "neighbour_pos_err_m", "action_acc", "reward_abs_err", "next_state_err_m", "dyn_residual_m", "dyn_residual_truth_m"]
     if "state_rmse" in metrics.columns:  # flat observations (MetaDrive, control tasks)
