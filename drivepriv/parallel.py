@@ -12,7 +12,7 @@ another, byte for byte (tests/test_parallel.py).
 On a Ray cluster (``--engine flower`` with ``federation.ray_address``) :func:`ray_fan_out` runs
 the same jobs as Ray tasks across the cluster's nodes instead: the job function and its inputs
 are pickled once into Ray's object store, each task seeds itself as above, and a task whose
-worker is lost is rerun by Ray (tests/test_ray_cluster.py).
+worker is lost is rerun by Ray (tests/federation/test_ray_cluster.py).
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def test_same_seed_same_metrics(two_runs):
     files = [next((out / "merge").iterdir()) / "metrics.csv" for _, out in two_runs]
     # every attack, rgia-k included, byte for byte: the attacks seed themselves from stable ids,
     # and their least squares avoid LAPACK's gelsy, whose last bits followed the input's address
-    # (tests/test_attacks.py; rgia-k's rows moved by 1e-5 m between two runs of one seed).
+    # (tests/attacks/test_attacks.py; rgia-k's rows moved by 1e-5 m between two runs of one seed).
     # The first run fanned its attacks out over two worker processes, the second ran them here.
     assert files[0].read_bytes() == files[1].read_bytes()
     assert (pd.read_csv(files[0])["attack"] == "rgia-k").any()

@@ -150,7 +150,7 @@ class FederationConfig:
     min_clients: int = 1
     #: Where the federation runs: ``inprocess`` (the clients on this machine, over ``workers``
     #: processes) or ``flower`` (the same clients and server on Flower's simulation engine, on Ray; needs
-    #: ``pip install -e ".[flower]"``). Same seed, same numbers (tests/test_flower.py).
+    #: ``pip install -e ".[flower]"``). Same seed, same numbers (tests/federation/test_flower.py).
     engine: Literal["inprocess", "flower"] = "inprocess"
     #: Flower engine: CPUs each client takes (Ray schedules as many clients at once as fit).
     flower_client_cpus: float = 1.0

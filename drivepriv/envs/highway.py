@@ -112,7 +112,7 @@ def make_env(cfg: EnvConfig, render_mode: str | None = None) -> gym.Env:
 
 class FastKinematics(gym.Wrapper):
     """highway-env's Kinematics observation, computed without pandas: the same numbers, bit for
-    bit (tests/test_highway_obs.py). highway-env builds a DataFrame per step and normalises it
+    bit (tests/envs/test_highway_obs.py). highway-env builds a DataFrame per step and normalises it
     column by column; in the default merge run that was 40 % of every environment step (with
     this, a merge step is 1.37 times as fast). The environment re-creates its observation type at each reset,
     so the fast one is put in place after each reset (the reset's own observation comes from

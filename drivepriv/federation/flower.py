@@ -29,7 +29,7 @@ pickled where it pickles, highway-env and the control tasks; MetaDrive's is rest
 replaying the current episode's actions from its seed) and, as a shortcut, in a bounded cache
 of the worker process that is valid only while it holds the latest round.
 
-Same seed, same numbers as the in-process engine (tests/test_flower.py): replies are put back
+Same seed, same numbers as the in-process engine (tests/federation/test_flower.py): replies are put back
 in client order before aggregating, and every random stream is derived from stable ids.
 """
 

@@ -6,7 +6,7 @@ rewritten in torch, batched over (N, D) observations, in the dtype of the input 
 match the simulator's own precision, float32 is within ~1e-6). The simulator's state is
 recovered from the observation (angles by ``atan2`` of their cos/sin), stepped, and observed
 again, so ``predict(s, one_hot(a))`` equals the simulator's next observation on real data
-(checked in ``tests/test_control.py``).
+(checked in ``tests/envs/test_control.py``).
 
 How an attacker sees the discontinuities (the choices below keep ``predict`` *exact* on real
 data and give it useful gradients elsewhere):

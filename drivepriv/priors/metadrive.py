@@ -28,7 +28,7 @@ procedural maps and a bottleneck map; noisy lane keeping; traffic density 0.1-0.
 is <= 1e-10. Two constraints needed care: the border sum is not constant on bottleneck blocks
 ("y"/"Y": the codec then has no road width and the term is dropped), and two cars adjacent in
 the lidar's view form a concave junction, so runs are cut where neighbouring hits differ by
-more than 0.75 m (with a 2 m cut, 19 of 4,197 triples were concave). tests/test_metadrive.py
+more than 0.75 m (with a 2 m cut, 19 of 4,197 triples were concave). tests/envs/test_metadrive.py
 repeats the check on >= 1000 fresh observations.
 """
 

@@ -5,7 +5,7 @@ import numpy as np
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_codec
 from drivepriv.metrics.scores import Truth, match_transitions, score
-from tests.test_codec import real_observations
+from tests.envs.test_codec import real_observations
 
 
 def make_truth(n=8):

@@ -84,7 +84,7 @@ def test_compare_page_links_every_run(quick_run, tmp_path):
 
 
 def test_texts_from_configs_and_file_names_are_escaped(tmp_path):
-    yaml_text = (Path(__file__).resolve().parent.parent / "scenarios" / "merge.yaml").read_text()
+    yaml_text = (Path(__file__).resolve().parents[2] / "scenarios" / "merge.yaml").read_text()
     yaml_text = re.sub(r'description: ".*"', 'description: "<script>alert(1)</script> & <b>bold</b>"', yaml_text)
     scenario = tmp_path / "evil<i>.yaml"
     scenario.write_text(yaml_text)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "eval"))
 
 from physics_validation import _observed, _uid, collect, errors  # noqa: E402
 

@@ -13,7 +13,7 @@ from drivepriv.attacks import ATTACKS, AttackInput, Priors, make_attack
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_codec
 from drivepriv.metrics.scores import Truth, score
-from tests.test_codec import real_observations
+from tests.envs.test_codec import real_observations
 
 
 #: The attacker's own rollouts start from seeds this far from any client's (honest priors).

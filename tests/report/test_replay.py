@@ -15,7 +15,7 @@ from drivepriv.errors import ConfigError
 from drivepriv.results import BatchRecord, load_batches, save_batches
 from drivepriv.scenarios import load_scenario
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _quick_run(out: Path, scenario: str) -> Path:

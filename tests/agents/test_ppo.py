@@ -12,8 +12,8 @@ from drivepriv.agents.ppo import PPOLossSpec
 from drivepriv.attacks import AttackInput, Priors, make_attack
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_codec
-from tests.test_attacks import attacker_prior_states
-from tests.test_codec import real_observations
+from tests.attacks.test_attacks import attacker_prior_states
+from tests.envs.test_codec import real_observations
 
 GAMMA, VF, ENT = 0.99, 0.5, 0.01
 

@@ -26,7 +26,7 @@ from drivepriv.errors import ConfigError
 from drivepriv.federation.inprocess import resolve_attacked
 from drivepriv.federation.run import run_federation
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 flower = pytest.importorskip("flwr", reason='the Flower extra is not installed (pip install -e ".[flower]")')
 
