@@ -325,10 +325,9 @@ def capture_truths(views: list, truth_dir: str | Path) -> dict:
             t = load_truth(truth_dir, v.round, v.client)
         if t is None:
             raise ConfigError(f"{truth_dir}: no truth for round {v.round}, client {v.client} (file r{v.round}-c{'*' if v.client == -1 else v.client}.npz)")
-        rows = sum(len(b["rewards"]) for b in t.batches)
-        if len(t.batches) != v.local_steps or rows != v.batch_size * v.local_steps:
+        if t.local_steps != v.local_steps or len(t) != v.batch_size * v.local_steps:
             raise ConfigError(
-                f"{truth_dir}: round {v.round}, client {v.client}: the recorded truth has {len(t.batches)} minibatch(es) and {rows} "
+                f"{truth_dir}: round {v.round}, client {v.client}: the recorded truth has {t.local_steps} minibatch(es) and {len(t)} "
                 f"transitions, but the capture says {v.local_steps} local step(s) of {v.batch_size}; check batch_size/local_steps"
             )
         truths[(v.round, v.client)] = t

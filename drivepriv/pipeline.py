@@ -32,7 +32,7 @@ from drivepriv.federation.strategies import strategy
 from drivepriv.federation.types import GroundTruth, ServerView
 from drivepriv.metrics.identifiability import determined_transitions, separable_transitions
 from drivepriv.metrics.run_scores import score_run_dir
-from drivepriv.metrics.scores import Truth, score
+from drivepriv.metrics.scores import score
 from drivepriv.metrics.vector import score_vector, vector_metric_columns
 from drivepriv.parallel import Background, fan_out, ray_fan_out
 from drivepriv.report.build import build_report
@@ -210,13 +210,6 @@ def update_rank(inp: AttackInput) -> float:
     return float(next(iter(ranks.values())))
 
 
-def _truth(gt: GroundTruth) -> Truth:
-    """All transitions behind the update (the K local minibatches of FedAvg, concatenated)."""
-    cat = {k: np.concatenate([b[k] for b in gt.batches]) for k in gt.batches[0]}
-    actions = cat["actions"] if gt.continuous else cat["actions"].argmax(-1)
-    return Truth(cat["states"], actions, cat["rewards"], cat["next_states"], cat["dones"])
-
-
 def metric_columns(codec, continuous: bool) -> list[str]:
     """metrics.csv's columns for a scenario's observation codec."""
     if codec.flat:
@@ -225,7 +218,7 @@ def metric_columns(codec, continuous: bool) -> list[str]:
     return [("action_abs_err" if c == "action_acc" and continuous else c) for c in cols] + IDENTIFIABILITY_COLUMNS
 
 
-def score_any(truth: Truth, rec: Reconstruction, codec) -> tuple[dict[str, float], np.ndarray]:
+def score_any(truth: GroundTruth, rec: Reconstruction, codec) -> tuple[dict[str, float], np.ndarray]:
     """Score a reconstruction with the codec's metrics (Kinematics or flat observations)."""
     if codec.flat:
         return score_vector(truth, rec.states, rec.actions, rec.rewards, rec.next_states, codec)
@@ -375,8 +368,7 @@ def attack_and_report(
     def score_batch(k: int) -> tuple[list[dict], list[dict], BatchRecord]:
         """Every attack's reconstruction of update ``k`` against its client's truth (metrics only)."""
         view, inp = views[k], inputs[k]
-        gt = truths[(view.round, view.client)]
-        truth = _truth(gt)
+        truth = truths[(view.round, view.client)]
         truth_residual = residual_of(truth.states, truth.actions, truth.next_states)
         ceiling = {
             "identifiable": separable_transitions(model, view.params, truth.states, None if continuous else truth.actions),
@@ -397,11 +389,7 @@ def attack_and_report(
             timings.append({"attack": name, "client": view.client, "round": view.round, "seed": cfg.seed, "time_s": rec.time_s})
             recs[name] = (rec, perm)
         record = BatchRecord(
-            view.client,
-            view.round,
-            {"states": truth.states, "actions": truth.actions, "rewards": truth.rewards, "next_states": truth.next_states, "dones": truth.dones},
-            np.concatenate(gt.origins),
-            {n: {"states": r.states[p], "actions": r.actions[p], "rewards": r.rewards[p], "next_states": r.next_states[p]} for n, (r, p) in recs.items()},
+            truth, {n: {"states": r.states[p], "actions": r.actions[p], "rewards": r.rewards[p], "next_states": r.next_states[p]} for n, (r, p) in recs.items()}
         )
         return rows, timings, record
 

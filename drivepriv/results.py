@@ -11,6 +11,7 @@ permuted so row i is matched to true transition i):
     batches                      (n, 2) int: client, round of each attacked batch, in order
     b{k}/truth/{states,actions,rewards,next_states,dones}
     b{k}/origins                 (B, 2) int: episode and step of each true transition
+    b{k}/local_steps             int: the local steps behind the update (older runs: absent, 1)
     b{k}/recon/{attack}/{states,actions,rewards,next_states}
 """
 
@@ -27,6 +28,7 @@ import pandas as pd
 
 from drivepriv.config import RunConfig
 from drivepriv.errors import ConfigError
+from drivepriv.federation.types import TRANSITION_FIELDS, GroundTruth
 
 FILENAME = "reconstructions.npz"
 FIELDS = ("states", "actions", "rewards", "next_states")
@@ -36,14 +38,17 @@ FIELDS = ("states", "actions", "rewards", "next_states")
 class BatchRecord:
     """One attacked update: the client's true transitions and every attack's matched reconstruction."""
 
-    client: int
-    round: int
-    #: states, actions, rewards, next_states, dones (actions: indices, or (B, d) values when continuous)
-    truth: dict[str, np.ndarray]
-    #: (B, 2): episode and step of each true transition within the client's experience
-    origins: np.ndarray
+    truth: GroundTruth
     #: attack -> states, actions, rewards, next_states (row i matched to true transition i)
     recon: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def client(self) -> int:
+        return self.truth.client
+
+    @property
+    def round(self) -> int:
+        return self.truth.round
 
     @property
     def stem(self) -> str:
@@ -62,9 +67,10 @@ def save_batches(run_dir: Path, records: list[BatchRecord]) -> Path:
     """Write ``run_dir/reconstructions.npz`` (atomically: a temporary file, then renamed)."""
     arrays: dict[str, np.ndarray] = {"batches": np.array([[r.client, r.round] for r in records], dtype=np.int64).reshape(-1, 2)}
     for k, r in enumerate(records):
-        for name, a in r.truth.items():
+        for name, a in r.truth.arrays().items():
             arrays[f"b{k}/truth/{name}"] = np.asarray(a)
-        arrays[f"b{k}/origins"] = np.asarray(r.origins, dtype=np.int64)
+        arrays[f"b{k}/origins"] = np.asarray(r.truth.origins, dtype=np.int64)
+        arrays[f"b{k}/local_steps"] = np.array(r.truth.local_steps)
         for attack, rec in r.recon.items():
             for name in FIELDS:
                 arrays[f"b{k}/recon/{attack}/{name}"] = np.asarray(rec[name])
@@ -92,13 +98,18 @@ def load_batches(run_dir: Path) -> list[BatchRecord]:
     records = []
     for k, (client, rnd) in enumerate(data.get("batches", np.zeros((0, 2), dtype=np.int64))):
         prefix = f"b{k}/"
-        truth = {key.split("/")[-1]: v for key, v in data.items() if key.startswith(prefix + "truth/")}
+        missing = [key for key in (*(f"{prefix}truth/{name}" for name in TRANSITION_FIELDS), prefix + "origins") if key not in data]
+        if missing:
+            raise ConfigError(f"{path} lacks {', '.join(missing)}: it was not written whole; run `drivepriv eval` again")
+        arrays = {name: data[f"{prefix}truth/{name}"] for name in TRANSITION_FIELDS}
+        steps = int(data.get(prefix + "local_steps", 1))
+        truth = GroundTruth(int(rnd), int(client), **arrays, origins=data[prefix + "origins"], local_steps=steps)
         recon: dict[str, dict[str, np.ndarray]] = {}
         for key, v in data.items():
             if key.startswith(prefix + "recon/"):
                 _, _, attack, name = key.split("/", 3)
                 recon.setdefault(attack, {})[name] = v
-        records.append(BatchRecord(int(client), int(rnd), truth, data[prefix + "origins"], recon))
+        records.append(BatchRecord(truth, recon))
     return records
 
 

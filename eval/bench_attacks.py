@@ -27,7 +27,7 @@ from drivepriv.attacks import make_attack
 from drivepriv.config import apply_overrides, parse_override
 from drivepriv.federation.inprocess import resolve_attacked
 from drivepriv.federation.run import run_federation
-from drivepriv.pipeline import DynamicsResidual, _truth, attack_input, build_priors, score_any
+from drivepriv.pipeline import DynamicsResidual, attack_input, build_priors, score_any
 from drivepriv.scenarios import load_scenario
 from drivepriv.seeding import derive_seed
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace, partial: Path) -> pd.DataFrame:
                 codec = priors.codec
                 residual_of = DynamicsResidual(cfg, codec)
                 for view in fed.views:
-                    truth = _truth(fed.truths[(view.round, view.client)])
+                    truth = fed.truths[(view.round, view.client)]
                     inp = attack_input(fed.model, view, priors, tuple(codec.obs_shape), fed.model.n_actions)
                     truth_residual = residual_of(truth.states, truth.actions, truth.next_states)
                     for name in args.attacks:

@@ -44,7 +44,7 @@ from drivepriv.federation.inprocess import Client, Server, setup
 from drivepriv.federation.strategies import STRATEGIES
 from drivepriv.federation.types import GroundTruth, ServerView
 from drivepriv.metrics.identifiability import determined_transitions, separable_transitions
-from drivepriv.pipeline import _truth, attack_input, build_priors, score_any, update_rank
+from drivepriv.pipeline import attack_input, build_priors, score_any, update_rank
 from drivepriv.scenarios import load_scenario
 from drivepriv.seeding import derive_seed, numpy_rng
 
@@ -70,7 +70,7 @@ def client_update(client: Client, server: Server, params, target_params, strateg
     lr = server.cfg.federation.lr
     payload = STRATEGIES.get(strategy).local_payload(params, k, lr, local_gradient)
     view = ServerView(-1, client.cid, strategy, params, target_params, payload, b, k, lr, loss_spec)
-    return view, GroundTruth(-1, client.cid, batches, origins, False)
+    return view, GroundTruth.from_minibatches(-1, client.cid, batches, origins, continuous=False)
 
 
 def chance(inp, seed: int):
@@ -105,8 +105,7 @@ def run_one(scenario: str, seed: int, width: int, args: argparse.Namespace, prio
                 for c in attacked:
                     for strategy, b, k in cells(args):
                         rng = numpy_rng(seed, "bench-realistic", c.cid, rnd, strategy, b, k)
-                        view, gt = client_update(c, server, params, target_params, strategy, b, k, rng)
-                        truth = _truth(gt)
+                        view, truth = client_update(c, server, params, target_params, strategy, b, k, rng)
                         inp = attack_input(server.model, view, priors, obs_shape, algorithm.actions.n)
                         n = len(truth.actions)
                         ceiling = separable_transitions(server.model, view.params, truth.states, truth.actions) / n

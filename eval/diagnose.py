@@ -38,7 +38,7 @@ from drivepriv.federation.inprocess import resolve_attacked
 from drivepriv.federation.run import run_federation
 from drivepriv.metrics.identifiability import determined_transitions, separable_transitions
 from drivepriv.metrics.scores import score
-from drivepriv.pipeline import _truth, attack_input, build_priors
+from drivepriv.pipeline import attack_input, build_priors
 from drivepriv.scenarios import load_scenario
 from drivepriv.seeding import derive_seed, seed_everything
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     priors, _, _ = build_priors(cfg, progress=False)
     rows = []
     for view in sorted(fed.views, key=lambda v: (v.round, v.client)):
-        truth = _truth(fed.truths[(view.round, view.client)])
+        truth = fed.truths[(view.round, view.client)]
         row = {"round": view.round, "client": view.client, **batch_diagnostics(fed.model, view, truth)}
         inp = attack_input(copy.deepcopy(fed.model), view, priors, tuple(priors.codec.obs_shape), fed.model.n_actions)
         rec = make_attack("rgia-k").run(inp, derive_seed(cfg.seed, "attack", "rgia-k", view.round, view.client))

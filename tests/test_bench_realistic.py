@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -41,11 +42,13 @@ def test_client_update_is_the_clients_local_run():
     finally:
         client.close()
     assert view.strategy == "fedavg" and view.local_steps == 3 and view.batch_size == 8
-    assert len(gt.batches) == 3 and all(len(b["states"]) == 8 for b in gt.batches)
+    assert gt.local_steps == 3 and len(gt) == 24
     lr = cfg.federation.lr
     p = {k: v.clone() for k, v in params.items()}
-    for b in gt.batches:
-        batch = Batch(*(torch.as_tensor(b[k]) for k in ("states", "actions", "rewards", "next_states", "dones")))
+    for s in range(gt.local_steps):
+        b = gt.step(s)
+        actions = np.eye(algorithm.actions.n, dtype=np.float32)[b.actions]
+        batch = Batch(*(torch.as_tensor(x) for x in (b.states, actions, b.rewards, b.next_states, b.dones)))
         at = {k: v.detach().requires_grad_(True) for k, v in p.items()}
         loss = server.loss_spec(server.model, at, target_params, batch)
         grads = torch.autograd.grad(loss, list(at.values()))

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from drivepriv.config import RunConfig
 from drivepriv.errors import ConfigError, DriveprivError
 from drivepriv.federation.defenses import DefenseStack
-from drivepriv.federation.flower_support import LOST_WORKER, load_truth, quiet_flower, require_flower, save_truth
+from drivepriv.federation.flower_support import LOST_WORKER, load_truth, quiet_flower, require_flower, write_truth
 from drivepriv.federation.inprocess import Client, Server, sampled_clients, setup
 from drivepriv.federation.strategies import STRATEGIES
 from drivepriv.federation.recorder import TruthRecorder
@@ -143,8 +143,7 @@ def _train(msg: Message, context: Context, run_id: str, run_cfg: RunConfig, trut
     result = entry.client.train_round(rnd, entry.model, params, target, stack, record)
     update = result.update
     if result.truth is not None:  # to the engine's truth folder, never in the message to the server
-        t = result.truth
-        save_truth(truth_dir, rnd, cid, t.batches, t.origins, t.continuous)
+        write_truth(truth_dir, result.truth)
     entry.round = rnd
     arrays, meta = entry.client.snapshot()
     context.state[_STATE_ARRAYS] = _array_record(arrays)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from drivepriv.errors import ConfigError
-from drivepriv.federation.types import GroundTruth
+from drivepriv.federation.types import TRANSITION_FIELDS, GroundTruth
 
 FLOWER_VERSION = "1.42.0"
 INSTALL = 'pip install -e ".[flower]"  (from a clone; or: pip install "flwr[simulation]==1.42.0")'
@@ -49,30 +50,36 @@ def require_flower(simulation: bool = True) -> None:
 
 def save_truth(folder: str | Path, rnd: int, client: int, batches: list[dict[str, np.ndarray]], origins: list[np.ndarray], continuous: bool) -> Path:
     """A client's true minibatch(es) behind one update, for the metrics only (never sent to the
-    server: a simulated client writes it beside the run, an audited client to its own disk)."""
+    server: a simulated client writes it beside the run, an audited client to its own disk).
+
+    ``batches``: one dict per local step, as the client trained on it (states, actions one-hot
+    or continuous values, rewards, next_states, dones); ``origins``: each one's (episode, step)."""
+    return write_truth(folder, GroundTruth.from_minibatches(rnd, client, batches, origins, continuous))
+
+
+def write_truth(folder: str | Path, truth: GroundTruth) -> Path:
+    """Write ``folder/r{round}-c{client}.npz`` (atomically: a temporary file, then renamed)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = {f"b{s}_{k}": v for s, b in enumerate(batches) for k, v in b.items()}
-    arrays.update({f"o{s}": o for s, o in enumerate(origins)})
-    arrays["continuous"] = np.array(continuous)
-    path = folder / f"r{rnd}-c{client}.npz"
-    tmp = folder / f".r{rnd}-c{client}.tmp.npz"
+    arrays = {**truth.arrays(), "origins": truth.origins, "local_steps": np.array(truth.local_steps)}
+    path = folder / f"r{truth.round}-c{truth.client}.npz"
+    tmp = folder / f".r{truth.round}-c{truth.client}.tmp.npz"
     np.savez(tmp, **arrays)
     tmp.replace(path)
     return path
 
 
-def load_truth(folder: str | Path, rnd: int, client: int):
-    """The :class:`~drivepriv.federation.types.GroundTruth` saved by :func:`save_truth`, or None."""
-
+def load_truth(folder: str | Path, rnd: int, client: int) -> GroundTruth | None:
+    """The :class:`~drivepriv.federation.types.GroundTruth` written by :func:`save_truth`, or None."""
     path = Path(folder) / f"r{rnd}-c{client}.npz"
     if not path.is_file():
         return None
-    with np.load(path) as z:
-        steps = sorted({int(k[1:].split("_")[0]) for k in z.files if k.startswith("b")})
-        batches = [{k.split("_", 1)[1]: z[k] for k in z.files if k.startswith(f"b{s}_")} for s in steps]
-        origins = [z[f"o{s}"] for s in steps]
-        return GroundTruth(rnd, client, batches, origins, bool(z["continuous"]))
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in (*TRANSITION_FIELDS, "origins")}
+            return GroundTruth(rnd, client, **arrays, local_steps=int(z["local_steps"]))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+        raise ConfigError(f"{path} is not a truth file written by this drivepriv's save_truth ({e}); run the client app again") from None
 
 
 #: How Ray words a worker that died under an actor (killed, out of memory, its node gone).
@@ -101,4 +108,4 @@ def _drop_lost_worker(record: logging.LogRecord) -> bool:
     return not (record.pathname.endswith("vce_api.py") and any(k in record.getMessage() for k in LOST_WORKER))
 
 
-__all__ = ["FLOWER_VERSION", "INSTALL", "LOST_WORKER", "OFFLINE_ENV", "load_truth", "quiet_flower", "require_flower", "save_truth"]
+__all__ = ["FLOWER_VERSION", "INSTALL", "LOST_WORKER", "OFFLINE_ENV", "load_truth", "quiet_flower", "require_flower", "save_truth", "write_truth"]

@@ -118,7 +118,7 @@ class Client:
             "mean_return_last5": float(np.mean(last)) if last else float("nan"),
             "crash_rate_last5": float(np.mean(self.crashes[-5:])) if self.crashes else float("nan"),
         }
-        truth = GroundTruth(rnd, self.cid, batches, origins, algorithm.actions.continuous) if record_truth else None
+        truth = GroundTruth.from_minibatches(rnd, self.cid, batches, origins, algorithm.actions.continuous) if record_truth else None
         return ClientResult(ClientUpdate(self.cid, payload, row, rates), truth)
 
     def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, object]]:

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from drivepriv.federation.types import ClientResult, ClientUpdate, GroundTruth
+from drivepriv.federation.types import TRANSITION_FIELDS, ClientResult, ClientUpdate, GroundTruth
 
 
 def merge_truths(rnd: int, truths: list[GroundTruth]) -> GroundTruth:
     """Secure aggregation: all clients' minibatches behind the one aggregate the server sees (client -1)."""
-    steps = range(len(truths[0].batches))
-    merged = [{k: np.concatenate([t.batches[s][k] for t in truths]) for k in truths[0].batches[s]} for s in steps]
-    origins = [np.concatenate([t.origins[s] for t in truths]) for s in steps]
-    return GroundTruth(rnd, -1, merged, origins, truths[0].continuous)
+    k = truths[0].local_steps
+    parts = [t.step(s) for s in range(k) for t in truths]  # local step by local step, in client order
+    cat = {f: np.concatenate([getattr(p, f) for p in parts]) for f in (*TRANSITION_FIELDS, "origins")}
+    return GroundTruth(rnd, -1, **cat, local_steps=k)
 
 
 class TruthRecorder:

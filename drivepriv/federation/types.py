@@ -9,7 +9,7 @@ A neutral module: it imports no engine, so the engines (:mod:`~drivepriv.federat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,17 +45,57 @@ class ServerView:
         return strategy(self.strategy).gradient(self.payload, self.lr)
 
 
+#: The arrays of a transition, in the order a minibatch holds them.
+TRANSITION_FIELDS = ("states", "actions", "rewards", "next_states", "dones")
+
+
 @dataclass
 class GroundTruth:
-    """The client's true minibatch(es) behind one update. Metrics only: attacks never see it."""
+    """The client's true transitions behind one update, the one truth type from the engine to the
+    report. Metrics only: no attack ever receives one.
+
+    The K local minibatches of a FedAvg update are concatenated in the order the client trained
+    on them (K = 1 under FedSGD): local step ``s`` is rows ``s * n / K`` to ``(s + 1) * n / K``.
+    Observation-space arrays; ``actions`` are indices (discrete) or (n, d) values (continuous).
+    Under secure aggregation (client -1) each local step holds every client's minibatch."""
 
     round: int
     client: int
-    batches: list[dict[str, np.ndarray]]
-    #: (episode id, step) of every transition, per local step.
-    origins: list[np.ndarray]
-    #: Continuous actions: the batches' actions are (B, d) values, not one-hot rows.
-    continuous: bool = False
+    states: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    next_states: np.ndarray
+    dones: np.ndarray
+    #: (n, 2): episode id and step of each transition within the client's experience.
+    origins: np.ndarray
+    #: Local SGD steps behind the update, each on n / local_steps consecutive rows.
+    local_steps: int = 1
+
+    @classmethod
+    def from_minibatches(cls, rnd: int, client: int, batches: list[dict[str, np.ndarray]], origins: list[np.ndarray], continuous: bool) -> GroundTruth:
+        """From the minibatches as a client trains on them (``Batch.numpy()``: discrete actions
+        as one-hot rows), one per local step, with each minibatch's (episode, step) origins."""
+        cat = {k: np.concatenate([b[k] for b in batches]) for k in TRANSITION_FIELDS}
+        if not continuous:
+            cat["actions"] = cat["actions"].argmax(-1)
+        return cls(rnd, client, **cat, origins=np.concatenate(origins).astype(np.int64).reshape(-1, 2), local_steps=len(batches))
+
+    @property
+    def continuous(self) -> bool:
+        return np.ndim(self.actions) == 2
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The transition arrays by name (TRANSITION_FIELDS)."""
+        return {k: getattr(self, k) for k in TRANSITION_FIELDS}
+
+    def step(self, s: int) -> GroundTruth:
+        """The transitions of local step ``s`` alone."""
+        n = len(self) // self.local_steps
+        rows = slice(s * n, (s + 1) * n)
+        return replace(self, **{k: v[rows] for k, v in self.arrays().items()}, origins=self.origins[rows], local_steps=1)
 
 
 @dataclass

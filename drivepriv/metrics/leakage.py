@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from drivepriv.metrics.scores import _hard_presence, neighbour_error_list
+from drivepriv.federation.types import GroundTruth
 from drivepriv.results import BatchRecord
 
 #: Tolerance (within which a feature counts as learned) per unit of flat observations.
@@ -62,10 +63,10 @@ KINEMATIC_FEATURES = {
 }
 
 
-def _kinematic_errors(truth: dict, rec: dict, codec) -> dict[str, np.ndarray]:
-    t = codec.decode_world(truth["states"])
+def _kinematic_errors(truth: GroundTruth, rec: dict, codec) -> dict[str, np.ndarray]:
+    t = codec.decode_world(truth.states)
     r = codec.decode_world(_hard_presence(rec["states"], codec))
-    tn = codec.decode_world(truth["next_states"])
+    tn = codec.decode_world(truth.next_states)
     rn = codec.decode_world(_hard_presence(rec["next_states"], codec))
     ix, iy, p = codec.index("x"), codec.index("y"), codec.index("presence")
     out = {
@@ -84,15 +85,15 @@ def _kinematic_errors(truth: dict, rec: dict, codec) -> dict[str, np.ndarray]:
     return out
 
 
-def _action_reward(attack: str, pairs: list[tuple[dict, dict]]) -> list[dict]:
+def _action_reward(attack: str, pairs: list[tuple[GroundTruth, dict]]) -> list[dict]:
     """Action (share exact for discrete actions, mean absolute error for continuous) and reward rows."""
-    ta = np.concatenate([np.asarray(t["actions"]) for t, _ in pairs])
+    ta = np.concatenate([np.asarray(t.actions) for t, _ in pairs])
     ra = np.concatenate([np.asarray(r["actions"]) for _, r in pairs])
     if ta.ndim == 1:
         act = _rows(attack, _Feature("action (manoeuvre)", "", 0.0), (ta != ra).astype(float))
     else:
         act = _rows(attack, _Feature("action", "", DEFAULT_TOLERANCE), np.abs(ta - ra).mean(-1))
-    tr = np.concatenate([np.asarray(t["rewards"]) for t, _ in pairs])
+    tr = np.concatenate([np.asarray(t.rewards) for t, _ in pairs])
     rr = np.concatenate([np.asarray(r["rewards"]) for _, r in pairs])
     return [act, _rows(attack, _Feature("reward", "", 0.05), np.abs(tr - rr))]
 
@@ -118,7 +119,7 @@ def feature_leakage(records: list[BatchRecord], codec) -> pd.DataFrame:
         else:
             per_group: dict[str, list[np.ndarray]] = {}
             for truth, rec in pairs:
-                for g, e in codec.group_errors(np.asarray(truth["states"]), np.asarray(rec["states"])).items():
+                for g, e in codec.group_errors(np.asarray(truth.states), np.asarray(rec["states"])).items():
                     per_group.setdefault(g, []).append(e)
             for g, es in per_group.items():
                 unit = codec.group_unit(g)

@@ -7,12 +7,11 @@ true ones by a minimum-cost assignment on the decoded states, then scored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from drivepriv.envs.codec import ObservationCodec
+from drivepriv.federation.types import GroundTruth
 
 #: One-line explanations of the metrics, with units (shown in the report).
 METRIC_HELP = {
@@ -94,18 +93,7 @@ def _present_position_error(t: np.ndarray, r: np.ndarray, codec: ObservationCode
     return float((ego.sum() + neigh * n_present) / (len(ego) + n_present))
 
 
-@dataclass
-class Truth:
-    """A true minibatch in observation space (numpy)."""
-
-    states: np.ndarray
-    actions: np.ndarray  # (B,) ints
-    rewards: np.ndarray
-    next_states: np.ndarray
-    dones: np.ndarray
-
-
-def score(truth: Truth, rec_states: np.ndarray, rec_actions: np.ndarray, rec_rewards: np.ndarray, rec_next_states: np.ndarray, codec: ObservationCodec) -> tuple[dict[str, float], np.ndarray]:
+def score(truth: GroundTruth, rec_states: np.ndarray, rec_actions: np.ndarray, rec_rewards: np.ndarray, rec_next_states: np.ndarray, codec: ObservationCodec) -> tuple[dict[str, float], np.ndarray]:
     """Metrics of one reconstruction (after matching) and the matching permutation."""
     perm = match_transitions(truth.states, rec_states, codec)
     rs, ra, rr, rn = rec_states[perm], rec_actions[perm], rec_rewards[perm], rec_next_states[perm]

@@ -102,12 +102,12 @@ def trips_for_run(records: list[BatchRecord], codec: Codec, tolerance: TripToler
     tol = tolerance or TripTolerance()
     if attacks is None:
         attacks = list(dict.fromkeys(a for r in records for a in r.recon))
-    truth = _truth_pool(records, codec)
+    true_pos = _true_positions(records, codec) if codec.has_positions else []
     trip_rows, reid_rows, summary = [], [], []
     for attack in attacks:
         pool = attacker_pool([(r.client, r.round, r.recon) for r in records], attack)
         fs, fn = features(pool.states, codec), features(pool.next_states, codec)
-        rows, stats = _score_trips(attack, pool, fs, fn, truth, tol, codec)
+        rows, stats = _score_trips(attack, pool, fs, fn, records, true_pos, tol, codec)
         reid = _reidentify(attack, pool, fs, fn, tol, codec)
         trip_rows += rows
         reid_rows += reid
@@ -142,26 +142,15 @@ def trips_for_run_dir(run_dir: str | Path, tolerance: TripTolerance | None = Non
     return trips_for_run(load_batches(run_dir), make_codec(cfg.env), tolerance)
 
 
-@dataclass
-class _Truth:
-    origin: dict[tuple[int, int], tuple[int, int]]  # (record, row) -> (episode, step)
-    pos: dict[tuple[int, int], np.ndarray]  # (record, row) -> true ego x, y of s
-    next_pos: dict[tuple[int, int], np.ndarray]
+#: Per record, the true ego (x, y) of every s and of every s' (kinematic codecs), for ADE and FDE.
+TruePositions = list[tuple[np.ndarray, np.ndarray]]
 
 
-def _truth_pool(records: list[BatchRecord], codec: Codec) -> _Truth:
-    t = _Truth({}, {}, {})
-    for k, r in enumerate(records):
-        for i, o in enumerate(np.asarray(r.origins)):
-            t.origin[(k, i)] = (int(o[0]), int(o[1]))
-        if codec.has_positions:
-            ps, pn = features(r.truth["states"], codec).ego_pos, features(r.truth["next_states"], codec).ego_pos
-            for i in range(len(ps)):
-                t.pos[(k, i)], t.next_pos[(k, i)] = ps[i], pn[i]
-    return t
+def _true_positions(records: list[BatchRecord], codec: Codec) -> TruePositions:
+    return [(features(r.truth.states, codec).ego_pos, features(r.truth.next_states, codec).ego_pos) for r in records]
 
 
-def _score_trips(attack, pool, fs, fn, truth: _Truth, tol, codec) -> tuple[list[dict], dict]:
+def _score_trips(attack, pool, fs, fn, records: list[BatchRecord], true_pos: TruePositions, tol, codec) -> tuple[list[dict], dict]:
     rows, links, correct, dup_pairs, dup_correct, true_dups = [], 0, 0, 0, 0, 0
     covered, true_pairs = set(), set()
     kin = codec.has_positions
@@ -169,7 +158,7 @@ def _score_trips(attack, pool, fs, fn, truth: _Truth, tol, codec) -> tuple[list[
         idx = np.nonzero(pool.client == client)[0]
         ch = build_chains(fs.take(idx), fn.take(idx), pool.record[idx], tol, codec)
         key = [(int(pool.record[i]), int(pool.row[i])) for i in idx]
-        origin = [truth.origin[q] for q in key]
+        origin = [tuple(int(v) for v in records[k].truth.origins[i]) for k, i in key]
         present = set(origin)
         true_pairs |= {(client, e, s) for e, s in present if (e, s + 1) in present}
         true_dups += sum(origin[a] == origin[b] and key[a][0] != key[b][0] for a in range(len(idx)) for b in range(a + 1, len(idx)))
@@ -184,7 +173,7 @@ def _score_trips(attack, pool, fs, fn, truth: _Truth, tol, codec) -> tuple[list[
             correct += sum(ok)
             members = [m for c in trip for m in ch.clusters[c]]
             rounds = sorted({int(pool.round[idx[m]]) for m in members})
-            ade, fde = _trip_errors(trip, ch.clusters, idx, key, fs, fn, truth) if kin else (float("nan"), float("nan"))
+            ade, fde = _trip_errors(trip, ch.clusters, idx, key, fs, fn, true_pos) if kin else (float("nan"), float("nan"))
             rows.append(
                 {
                     "attack": attack, "client": int(client), "trip": t, "transitions": len(trip), "samples": len(members),
@@ -221,17 +210,17 @@ def _mode(items: list) -> tuple:
     return max(dict.fromkeys(items), key=items.count)
 
 
-def _trip_errors(trip, clusters, idx, key, fs: Features, fn: Features, truth: _Truth) -> tuple[float, float]:
+def _trip_errors(trip, clusters, idx, key, fs: Features, fn: Features, true_pos: TruePositions) -> tuple[float, float]:
     """ADE and FDE (m) of one trip: positions s of each transition then s' of the last; a merged
     transition is placed at the mean of its copies and scored against each copy's truth."""
     errs = []
     for pos, c in enumerate(trip):
         rows = clusters[c]
         fused = fs.ego_pos[idx[rows]].mean(0)
-        errs.append(np.mean([np.linalg.norm(fused - truth.pos[key[m]]) for m in rows]))
+        errs.append(np.mean([np.linalg.norm(fused - true_pos[key[m][0]][0][key[m][1]]) for m in rows]))
         if pos == len(trip) - 1:
             fused = fn.ego_pos[idx[rows]].mean(0)
-            errs.append(np.mean([np.linalg.norm(fused - truth.next_pos[key[m]]) for m in rows]))
+            errs.append(np.mean([np.linalg.norm(fused - true_pos[key[m][0]][1][key[m][1]]) for m in rows]))
     return float(np.mean(errs)), float(errs[-1])
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from drivepriv.envs.vector import VectorCodec
-from drivepriv.metrics.scores import Truth
+from drivepriv.federation.types import GroundTruth
 
 _SUFFIX = {"m": "_m", "m/s": "_mps", "rad": "_rad", "rad/s": "_radps", "": ""}
 
@@ -57,7 +57,7 @@ def match_vector(truth_states: np.ndarray, rec_states: np.ndarray) -> np.ndarray
     return perm
 
 
-def score_vector(truth: Truth, rec_states, rec_actions, rec_rewards, rec_next_states, codec: VectorCodec) -> tuple[dict[str, float], np.ndarray]:
+def score_vector(truth: GroundTruth, rec_states, rec_actions, rec_rewards, rec_next_states, codec: VectorCodec) -> tuple[dict[str, float], np.ndarray]:
     """Metrics of one reconstruction (after matching) and the matching permutation."""
     perm = match_vector(truth.states, rec_states)
     rs, ra, rr, rn = rec_states[perm], rec_actions[perm], rec_rewards[perm], rec_next_states[perm]

@@ -33,7 +33,7 @@ class VectorFigures:
         from drivepriv.report.vector import draw_vector_figure
 
         truth, recs = rec.truth, rec.recon
-        fig = draw_vector_figure(truth["states"], truth["next_states"], {n: (r["states"], r["next_states"]) for n, r in recs.items()},
+        fig = draw_vector_figure(truth.states, truth.next_states, {n: (r["states"], r["next_states"]) for n, r in recs.items()},
                                  self.codec, run_dir / "figures" / f"{rec.stem}.png", title=rec.label)
         return fig, None
 
@@ -53,9 +53,9 @@ class LidarFigures(VectorFigures):
 
             fig = run_dir / "figures" / f"{rec.stem}.png"
             fig.parent.mkdir(parents=True, exist_ok=True)
-            iio.imwrite(fig, draw_lidar_scene(truth["states"][0], {n: s[0] for n, s in rec_states.items()}, codec, title=rec.label))
+            iio.imwrite(fig, draw_lidar_scene(truth.states[0], {n: s[0] for n, s in rec_states.items()}, codec, title=rec.label))
         if with_video:
-            vid = write_lidar_video(truth["states"], rec_states, codec, run_dir / "videos" / f"{rec.stem}.mp4", fps=max(1, cfg.report.fps // 8))
+            vid = write_lidar_video(truth.states, rec_states, codec, run_dir / "videos" / f"{rec.stem}.mp4", fps=max(1, cfg.report.fps // 8))
         return fig, vid
 
 
@@ -85,15 +85,15 @@ class SceneFigures(VectorFigures):
 
         cfg, codec = self.cfg, self.codec
         truth, recs = rec.truth, rec.recon
-        discrete = np.ndim(truth["actions"]) == 1
+        discrete = np.ndim(truth.actions) == 1
         scene = SceneBatch(
             label=rec.label,
             features=codec.features,
-            truth_states=codec.decode_world(truth["states"]),
-            truth_next_states=codec.decode_world(truth["next_states"]),
+            truth_states=codec.decode_world(truth.states),
+            truth_next_states=codec.decode_world(truth.next_states),
             recon={n: (codec.decode_world(r["states"]), codec.decode_world(r["next_states"])) for n, r in recs.items()},
             # continuous actions have no names to caption
-            actions=truth["actions"] if discrete else None,
+            actions=truth.actions if discrete else None,
             recon_actions={n: r["actions"] for n, r in recs.items()} if discrete else {},
             action_names=self.names,
         )

@@ -122,15 +122,16 @@ def _batch_frames(renderer: ReplayRenderer, rec: BatchRecord, names: list[str], 
                   max_transitions: int) -> Iterator[np.ndarray]:
     """Yield the frames of one batch: per shown transition, s then s'."""
     t = rec.truth
-    n = len(t["states"])
+    n = len(t)
     idx = select_transitions(n, max_transitions)
     for i in idx:
-        episode, step = (int(v) for v in rec.origins[i])
+        episode, step = (int(v) for v in t.origins[i])
         for which, key in ((0, "states"), (1, "next_states")):
-            renderer.begin(np.asarray(t[key][i]), rec.client, episode, step + which)
-            true_a = renderer.action_text(t["actions"][i])
-            img, notes = renderer.panel(np.asarray(t[key][i]), True, TRUTH_RGB)
-            panels = [Panel("truth", TRUTH_RGB, img, notes, true_a, None, t["rewards"][i])]
+            true_s = np.asarray(getattr(t, key)[i])
+            renderer.begin(true_s, rec.client, episode, step + which)
+            true_a = renderer.action_text(t.actions[i])
+            img, notes = renderer.panel(true_s, True, TRUTH_RGB)
+            panels = [Panel("truth", TRUTH_RGB, img, notes, true_a, None, t.rewards[i])]
             for a in names:
                 img, notes = renderer.panel(np.asarray(rec.recon[a][key][i]), False, colours[a])
                 ra = renderer.action_text(rec.recon[a]["actions"][i])

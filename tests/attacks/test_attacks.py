@@ -12,8 +12,9 @@ from drivepriv.agents.dqn import DQNLossSpec, QNetwork
 from drivepriv.attacks import ATTACKS, AttackInput, Priors, make_attack
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_codec
-from drivepriv.metrics.scores import Truth, score
+from drivepriv.metrics.scores import score
 from tests.envs.test_codec import real_observations
+from tests.metrics.test_metrics import as_truth
 
 
 #: The attacker's own rollouts start from seeds this far from any client's (honest priors).
@@ -61,7 +62,7 @@ def setup_case(batch_size: int, seed: int = 0, hidden: tuple[int, ...] = (64, 64
     grads = spec.gradient(model, params, params, truth)
     priors = Priors(codec=codec, prior_states=attacker_prior_states(seed))
     inp = AttackInput(copy.deepcopy(model), params, params, grads, spec, batch_size, (5, 7), 5, priors)
-    t = Truth(s, actions, truth.rewards.numpy(), s2, np.zeros(batch_size, np.float32))
+    t = as_truth(s, actions, truth.rewards.numpy(), s2)
     return inp, t, codec
 
 
@@ -238,7 +239,7 @@ def test_duplicate_transitions_are_one_term_and_still_recovered():
     batch.next_states[7] = batch.next_states[6]
     batch.rewards[7] = batch.rewards[6]
     inp.gradient = inp.loss.gradient(inp.model, inp.params, inp.target_params, batch)
-    t = Truth(s, a, batch.rewards.numpy(), batch.next_states.numpy(), np.zeros(8, np.float32))
+    t = as_truth(s, a, batch.rewards.numpy(), batch.next_states.numpy())
     rec = make_attack("rgia-k", iterations=20, restarts=2).run(inp, seed=0)
     assert rec.extra["update_rank"] == 7 and rec.extra["states_found"] == 7
     m, _ = score(t, rec.states, rec.actions, rec.rewards, rec.next_states, codec)

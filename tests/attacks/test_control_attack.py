@@ -15,7 +15,7 @@ from drivepriv.attacks import make_attack
 from drivepriv.config import apply_overrides
 from drivepriv.federation.inprocess import resolve_attacked
 from drivepriv.federation.run import run_federation
-from drivepriv.pipeline import DynamicsResidual, _truth, attack_input, build_priors, score_any
+from drivepriv.pipeline import DynamicsResidual, attack_input, build_priors, score_any
 from drivepriv.scenarios import load_scenario
 
 SMALL = {
@@ -33,7 +33,7 @@ def _case(name: str):
     priors, _, _ = build_priors(cfg, progress=False)
     fed = run_federation(cfg, resolve_attacked(cfg), progress=False)
     (view,) = fed.views
-    truth = _truth(fed.truths[(view.round, view.client)])
+    truth = fed.truths[(view.round, view.client)]
     inp = attack_input(fed.model, view, priors, tuple(priors.codec.obs_shape), fed.model.n_actions)
     return cfg, priors, truth, inp
 

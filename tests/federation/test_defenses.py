@@ -132,7 +132,7 @@ def test_secure_aggregation_shows_only_the_mean_of_the_clients_updates():
     for p, a, b in zip(view.payload, mine[0].payload, mine[1].payload):
         assert torch.allclose(p, (a + b) / 2)
     truth = agg.truths[(1, -1)]
-    assert truth.batches[0]["states"].shape[0] == 8
+    assert truth.local_steps == 1 and truth.states.shape[0] == 8
 
 
 def test_defenses_change_what_the_server_sees_but_not_the_undefended_run():
@@ -166,6 +166,11 @@ def test_cli_defense_writes_epsilon_and_rejects_bad_input(tmp_path):
 def test_secure_aggregation_batches_are_named_as_such():
     from drivepriv.results import BatchRecord
 
-    rec = BatchRecord(-1, 3, {}, np.zeros((0, 2), dtype=np.int64))
+    from drivepriv.federation.types import GroundTruth
+
+    def empty(client: int, rnd: int) -> GroundTruth:
+        return GroundTruth(rnd, client, *(np.zeros((0,)) for _ in range(5)), origins=np.zeros((0, 2), dtype=np.int64))
+
+    rec = BatchRecord(empty(-1, 3))
     assert rec.stem == "secagg-r3" and "secure aggregation" in rec.label
-    assert BatchRecord(2, 3, {}, np.zeros((0, 2))).stem == "c2-r3"
+    assert BatchRecord(empty(2, 3)).stem == "c2-r3"

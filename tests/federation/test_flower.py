@@ -48,9 +48,9 @@ def _assert_same(a, b) -> None:
     assert sorted(a.truths) == sorted(b.truths)
     for key, ta in a.truths.items():
         tb = b.truths[key]
-        for sa, sb in zip(ta.batches, tb.batches):
-            assert all(np.array_equal(sa[f], sb[f]) for f in sa)
-        assert all(np.array_equal(x, y) for x, y in zip(ta.origins, tb.origins))
+        assert ta.local_steps == tb.local_steps
+        assert all(np.array_equal(x, y) for x, y in zip(ta.arrays().values(), tb.arrays().values()))
+        assert np.array_equal(ta.origins, tb.origins)
     assert a.training.equals(b.training)
     assert a.privacy == b.privacy
 
@@ -150,8 +150,9 @@ def test_flower_app_audited_with_flowers_own_tooling(tmp_path):
     for v in views:
         truth = load_truth(out / "truth", v.round, v.client)
         local = dict(v.params)
-        for b in truth.batches:  # the client's local SGD steps, replayed from its own record
-            batch = Batch(*(torch.as_tensor(b[k]) for k in ("states", "actions", "rewards", "next_states", "dones")))
+        for s in range(truth.local_steps):  # the client's local SGD steps, replayed from its own record
+            b = truth.step(s)
+            batch = Batch(*(torch.as_tensor(x) for x in (b.states, np.eye(5, dtype=np.float32)[b.actions], b.rewards, b.next_states, b.dones)))
             grads = DQNLossSpec(gamma=0.99).gradient(net, local, v.target_params, batch)
             local = {k: (p - v.lr * g).detach() for (k, p), g in zip(local.items(), grads)}
         for k, d in zip(v.params, v.payload):
@@ -204,9 +205,10 @@ def test_audit_scores_a_secure_aggregate_against_every_clients_minibatch(tmp_pat
         batches[client] = b
     model = torch.nn.Sequential(torch.nn.Linear(35, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
     truths = capture_truths([_view(-1, 9, model), _view(1, 3, model)], tmp_path)
-    merged = truths[(2, -1)].batches[0]["states"]
+    merged = truths[(2, -1)].states
     assert np.array_equal(merged, np.concatenate([batches[c]["states"] for c in (0, 1, 2)]))  # in client order
-    assert np.array_equal(truths[(2, 1)].batches[0]["rewards"], batches[1]["rewards"])
+    assert np.array_equal(truths[(2, 1)].rewards, batches[1]["rewards"])
+    assert np.array_equal(truths[(2, 1)].actions, [0, 1, 2])  # one-hot rows as the client trained on them, indices in the truth
     with pytest.raises(ConfigError, match="capture says 1 local step"):
         capture_truths([_view(1, 8, model)], tmp_path)
     with pytest.raises(ConfigError, match="no truth for round 5, client 1"):

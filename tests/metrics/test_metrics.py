@@ -4,14 +4,22 @@ import numpy as np
 
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_codec
-from drivepriv.metrics.scores import Truth, match_transitions, score
+from drivepriv.federation.types import GroundTruth
+from drivepriv.metrics.scores import match_transitions, score
 from tests.envs.test_codec import real_observations
+
+
+def as_truth(states, actions, rewards, next_states) -> GroundTruth:
+    """A test batch as the metrics receive it (one local step, no termination, origins 0..n-1)."""
+    n = len(rewards)
+    origins = np.stack([np.zeros(n, np.int64), np.arange(n)], 1)
+    return GroundTruth(0, 0, states, actions, rewards, next_states, np.zeros(n, np.float32), origins)
 
 
 def make_truth(n=8):
     obs = real_observations(n + 1, seed=5)
     rng = np.random.default_rng(0)
-    return Truth(obs[:-1], rng.integers(0, 5, n), rng.normal(size=n).astype(np.float32), obs[1:], np.zeros(n, np.float32))
+    return as_truth(obs[:-1], rng.integers(0, 5, n), rng.normal(size=n).astype(np.float32), obs[1:])
 
 
 def test_truth_scores_zero():

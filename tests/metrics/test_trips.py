@@ -11,6 +11,7 @@ import pytest
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_codec
 from drivepriv.envs.control import control_codec
+from drivepriv.federation.types import GroundTruth
 from drivepriv.attacks.trips import TripTolerance, attacker_pool, build_chains, features
 from drivepriv.metrics.trips import tolerance_sweep, trips_for_run, trips_for_run_dir
 from drivepriv.results import BatchRecord
@@ -38,6 +39,12 @@ def episode_worlds(rng, steps: int, x0: float, lane_y: float) -> np.ndarray:
     return out
 
 
+def record_truth(client: int, rnd: int, states: np.ndarray, next_states: np.ndarray, origins: np.ndarray, action: int = 0) -> GroundTruth:
+    """The truth of one attacked update (no rewards, no terminations)."""
+    n = len(states)
+    return GroundTruth(rnd, client, states, np.full(n, action, np.int64), np.zeros(n, np.float32), next_states, np.zeros(n, np.float32), origins)
+
+
 def noisy(world: np.ndarray, rng, sigma_m: float) -> np.ndarray:
     """Normalised observations of ``world`` with Gaussian noise on positions and speeds (m, m/s)."""
     w = world.copy()
@@ -63,16 +70,10 @@ def make_records(sigma_m=0.05, clients=1, episodes=2, steps=6, rounds=3, seed=0,
         for r, part in enumerate(parts):
             s = np.stack([trans[i][0] for i in part])
             s2 = np.stack([trans[i][1] for i in part])
-            truth = {
-                "states": CODEC.to_normalised(s).astype(np.float32),
-                "next_states": CODEC.to_normalised(s2).astype(np.float32),
-                "actions": np.ones(len(part), np.int64),
-                "rewards": np.zeros(len(part), np.float32),
-                "dones": np.zeros(len(part), np.float32),
-            }
-            recon = {"states": noisy(s, rng, sigma_m), "next_states": noisy(s2, rng, sigma_m), "actions": truth["actions"], "rewards": truth["rewards"]}
             origins = np.array([[trans[i][2], trans[i][3]] for i in part])
-            records.append(BatchRecord(c, r, truth, origins, {"fake": recon}))
+            truth = record_truth(c, r, CODEC.to_normalised(s).astype(np.float32), CODEC.to_normalised(s2).astype(np.float32), origins, action=1)
+            recon = {"states": noisy(s, rng, sigma_m), "next_states": noisy(s2, rng, sigma_m), "actions": truth.actions, "rewards": truth.rewards}
+            records.append(BatchRecord(truth, {"fake": recon}))
     return records
 
 
@@ -127,7 +128,7 @@ def test_attacker_side_never_reads_the_truth():
     records = make_records(sigma_m=0.1, clients=2, rounds=3, duplicate=True)
     rng = np.random.default_rng(9)
     poisoned = [
-        replace(r, truth={k: rng.normal(size=v.shape).astype(v.dtype) for k, v in r.truth.items()}, origins=rng.permutation(r.origins))
+        replace(r, truth=replace(r.truth, **{k: rng.normal(size=v.shape).astype(v.dtype) for k, v in r.truth.arrays().items()}, origins=rng.permutation(r.truth.origins)))
         for r in records
     ]
     a, b = trips_for_run(records, CODEC), trips_for_run(poisoned, CODEC)
@@ -138,7 +139,7 @@ def test_attacker_side_never_reads_the_truth():
     assert a.reid[reid_cols].equals(b.reid[reid_cols])
     # and the attacker's pool holds nothing the truth wrote
     pool = attacker_pool([(r.client, r.round, r.recon) for r in records], "fake")
-    assert not any(np.shares_memory(x, r.truth[k]) for x in (pool.states, pool.next_states) for r in records for k in r.truth)
+    assert not any(np.shares_memory(x, t) for x in (pool.states, pool.next_states) for r in records for t in (*r.truth.arrays().values(), r.truth.origins))
 
 
 def test_same_ego_different_traffic_not_confused():
@@ -150,9 +151,8 @@ def test_same_ego_different_traffic_not_confused():
     obs = lambda w: CODEC.to_normalised(w).astype(np.float32)  # noqa: E731
     records = []
     for e, w in enumerate((a, b)):  # one episode per round, so the two could be taken for duplicates
-        truth = {"states": obs(w[:-1]), "next_states": obs(w[1:]), "actions": np.zeros(4, np.int64)}
-        origins = np.array([[e, k] for k in range(4)])
-        records.append(BatchRecord(0, e, truth, origins, {"exact": {"states": obs(w[:-1]), "next_states": obs(w[1:])}}))
+        truth = record_truth(0, e, obs(w[:-1]), obs(w[1:]), np.array([[e, k] for k in range(4)]))
+        records.append(BatchRecord(truth, {"exact": {"states": obs(w[:-1]), "next_states": obs(w[1:])}}))
     res = trips_for_run(records, CODEC).summary.iloc[0]
     assert res.duplicate_merges == 0 and res.links == 6 and res.link_precision == 1.0 and res.trips == 2 and res.longest == 4
 
@@ -181,8 +181,8 @@ def test_flat_observations_chain_without_metres():
     recon = lambda a: (a + rng.normal(scale=0.01, size=a.shape)).astype(np.float32)  # noqa: E731
     records = []
     for r, part in enumerate(np.array_split(rng.permutation(8), 2)):
-        truth = {"states": x[part].astype(np.float32), "next_states": x[part + 1].astype(np.float32), "actions": np.zeros(len(part), np.int64)}
-        records.append(BatchRecord(0, r, truth, np.stack([np.zeros_like(part), part], 1), {"fake": {"states": recon(x[part]), "next_states": recon(x[part + 1])}}))
+        truth = record_truth(0, r, x[part].astype(np.float32), x[part + 1].astype(np.float32), np.stack([np.zeros_like(part), part], 1))
+        records.append(BatchRecord(truth, {"fake": {"states": recon(x[part]), "next_states": recon(x[part + 1])}}))
     res = trips_for_run(records, codec, TripTolerance(vector_rms=0.05))
     s = res.summary.iloc[0]
     assert s.trips == 1 and s.longest == 8 and s.link_precision == 1.0 and s.link_recall == 1.0

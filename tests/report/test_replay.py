@@ -12,6 +12,7 @@ from PIL import Image
 
 from drivepriv.cli import main
 from drivepriv.errors import ConfigError
+from drivepriv.federation.types import GroundTruth
 from drivepriv.results import BatchRecord, load_batches, save_batches
 from drivepriv.scenarios import load_scenario
 
@@ -54,7 +55,7 @@ def test_replay_merge_writes_h264_and_gif(merge_run, tmp_path):
         w, h = map(int, re.search(r"yuv420p[^,]*, (\d+)x(\d+)", probe).groups())
         assert w % 2 == 0 and h % 2 == 0 and w >= 480 and h >= 3 * 150  # truth + rgia + dlg panels, stacked
         frames = _frames(r["mp4"])
-        assert len(frames) == r["frames"] == 2 * len(rec.truth["states"])  # s and s' of every transition
+        assert len(frames) == r["frames"] == 2 * len(rec.truth)  # s and s' of every transition
         assert not np.array_equal(frames[0], frames[1])
         gif = Image.open(r["gif"])
         assert r["gif"].stat().st_size < 2_000_000 and gif.n_frames > 1 and gif.size[0] <= 360
@@ -90,7 +91,7 @@ def test_highway_panels_show_vehicles_where_the_states_say(merge_run):
     backend = HighwayRenderer(cfg)
     try:
         codec = backend.codec
-        state = np.asarray(rec.truth["states"][0])
+        state = np.asarray(rec.truth.states[0])
         world = codec.decode_world(state)
         backend.begin(state, rec.client, 0, 0)
         img, _ = backend.panel(state, True, (0, 0, 0))
@@ -237,10 +238,9 @@ def test_replay_metadrive_localises_the_ego(tmp_path):
         backend.close()
 
     B = len(states)
-    truth = {"states": np.array(states), "actions": np.zeros((B, 2), np.float32), "rewards": np.zeros(B, np.float32),
-             "next_states": np.array(nexts), "dones": np.zeros(B, np.float32)}
-    noisy = {k: np.clip(truth[k] + 0.02 * rng.normal(size=truth[k].shape), 0, 1).astype(np.float32) for k in ("states", "next_states")}
-    rec = BatchRecord(0, 1, truth, np.array(origins), {"noisy": {**noisy, "actions": truth["actions"], "rewards": truth["rewards"]}})
+    truth = GroundTruth(1, 0, np.array(states), np.zeros((B, 2), np.float32), np.zeros(B, np.float32), np.array(nexts), np.zeros(B, np.float32), np.array(origins))
+    noisy = {k: np.clip(getattr(truth, k) + 0.02 * rng.normal(size=getattr(truth, k).shape), 0, 1).astype(np.float32) for k in ("states", "next_states")}
+    rec = BatchRecord(truth, {"noisy": {**noisy, "actions": truth.actions, "rewards": truth.rewards}})
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     save_batches(run_dir, [rec])
