@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from drivepriv.agents.algorithms import ActionSpec, make_algorithm
-from drivepriv.attacks import AttackInput, Priors, Reconstruction, make_attack
+from drivepriv.attacks import ATTACKS, AttackInput, Priors, Reconstruction, make_attack
 from drivepriv.attacks.chain import layer_ranks
 from drivepriv.config import RunConfig, dump_yaml
 from drivepriv.envs import backend_of, make_codec, make_env
@@ -103,11 +103,13 @@ def check_supported(cfg: RunConfig, attacks: bool = True) -> None:
         require_flower()  # says which install command to run
     for name in cfg.attack.attacks if attacks else []:
         attack = make_attack(name)  # unknown names fail here with a did-you-mean
-        if algorithm.actions.continuous and not attack.continuous_actions:
-            ok = [n for n in cfg.attack.attacks if make_attack(n).continuous_actions] or ["rgia", "dlg", "ig"]
+        continuous, algo = algorithm.actions.continuous, cfg.agent.algorithm
+        if not attack.supports(algo, continuous):
+            ok = [n for n in ATTACKS.names() if ATTACKS.get(n).supports(algo, continuous)]
             raise ConfigError(
-                f"attack.attacks: '{name}' reads discrete actions off the network's last layer, and scenario "
-                f"'{cfg.name}' has continuous actions ({cfg.agent.algorithm}); use {', '.join(ok)} (--attacks ...)"
+                f"attack.attacks: '{name}' does not attack {algo}'s continuous actions (it reads discrete actions off the "
+                f"network's last layer, or needs critics that read (s, a)); scenario '{cfg.name}' trains {algo}: use "
+                f"{', '.join(ok)} (--attacks ...)"
             )
     fed = cfg.federation
     if attacks and DefenseStack.from_specs(fed.defenses).secagg and strategy(fed.strategy).unrolled_steps(fed.local_steps) > 1:

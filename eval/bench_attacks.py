@@ -101,29 +101,47 @@ def _q(x: pd.Series) -> str:
     return f"{x.median():.3g} [{x.quantile(0.25):.3g}, {x.quantile(0.75):.3g}]"
 
 
+def _action(g: pd.DataFrame) -> str:
+    """Discrete: the share of actions recovered; continuous: the median absolute error."""
+    if "action_acc" in g and g["action_acc"].notna().any():
+        return f"acc. {g['action_acc'].mean():.2f}"
+    return f"abs. err. {g['action_abs_err'].median():.3g}"
+
+
+#: Unit suffixes of the per-feature columns, and how the table writes them.
+UNITS = {"_m": "m", "_mps": "m/s", "_rad": "rad", "_radps": "rad/s"}
+
+
+def _physical(g: pd.DataFrame) -> str:
+    """Medians of the per-feature errors in physical units (MetaDrive: lateral position, heading,
+    speed, lidar, ...; empty where the scenario has none)."""
+    out = []
+    for col in g.columns:
+        unit = next((u for suffix, u in sorted(UNITS.items(), key=lambda kv: -len(kv[0])) if col.endswith("_err" + suffix)), None)
+        if unit and g[col].notna().any() and not col.startswith(("next_", "navigation_radius", "navigation_direction")):
+            out.append(f"{col.split('_err')[0].replace('_', ' ')} {g[col].median():.2g} {unit}")
+    return "; ".join(out)
+
+
 def _vector_table(df: pd.DataFrame) -> str:
     lines = [
-        "| scenario | B | attack | state RMSE [p25, p75] | next state RMSE | dynamics residual (truth) | reward err. | action | time (s) | seeds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| scenario | B | attack | state RMSE [p25, p75] | physical units (medians) | next state RMSE | dynamics residual (truth) | reward err. | action | time (s) | seeds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = {s: i for i, s in enumerate(pd.unique(df["scenario"]))}
     df = df.assign(_order=df["scenario"].map(order)).sort_values(["_order", "batch_size"], kind="stable")
     for (scenario, b, attack), g in df.groupby(["scenario", "batch_size", "attack"], sort=False):
-        if "action_acc" in g and g["action_acc"].notna().any():
-            action = f"acc. {g['action_acc'].mean():.2f}"
-        else:
-            action = f"abs. err. {g['action_abs_err'].median():.3g}"
         lines.append(
-            f"| {scenario} | {b} | {attack} | {_q(g['state_rmse'])} | {g['next_state_rmse'].median():.3g} | "
+            f"| {scenario} | {b} | {attack} | {_q(g['state_rmse'])} | {_physical(g)} | {g['next_state_rmse'].median():.3g} | "
             f"{g['dyn_residual'].median():.3g} ({g['dyn_residual_truth'].median():.2g}) | {g['reward_abs_err'].median():.3g} | "
-            f"{action} | {g['time_s'].median():.2f} | {','.join(str(s) for s in sorted(g['seed'].unique()))} |"
+            f"{_action(g)} | {g['time_s'].median():.2f} | {','.join(str(s) for s in sorted(g['seed'].unique()))} |"
         )
     return "\n".join(lines)
 
 
 def _kinematics_table(df: pd.DataFrame) -> str:
     lines = [
-        "| scenario | B | attack | ego position (m) [p25, p75] | within 1 m | neighbours (m) | next state (m) | reward err. | action acc. | time (s) | seeds |",
+        "| scenario | B | attack | ego position (m) [p25, p75] | within 1 m | neighbours (m) | next state (m) | reward err. | action | time (s) | seeds |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = {s: i for i, s in enumerate(pd.unique(df["scenario"]))}
@@ -133,7 +151,7 @@ def _kinematics_table(df: pd.DataFrame) -> str:
         lines.append(
             f"| {scenario} | {b} | {attack} | {e.median():.3g} [{e.quantile(0.25):.3g}, {e.quantile(0.75):.3g}] | "
             f"{g['ego_within_1m'].mean():.2f} | {g['neighbour_pos_err_m'].median():.3g} | {g['next_state_err_m'].median():.3g} | "
-            f"{g['reward_abs_err'].median():.3g} | {g['action_acc'].mean():.2f} | {g['time_s'].median():.2f} | "
+            f"{g['reward_abs_err'].median():.3g} | {_action(g)} | {g['time_s'].median():.2f} | "
             f"{','.join(str(s) for s in sorted(g['seed'].unique()))} |"
         )
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from drivepriv.agents.common import LossSpec
+from drivepriv.agents.common import Batch, LossSpec
 from drivepriv.envs.codec import ObservationCodec
 from drivepriv.envs.vector import VectorCodec
 from drivepriv.registry import Registry
@@ -103,8 +103,14 @@ class Attack:
 
     name: str = ""
     summary: str = ""
-    #: False where the attack reads discrete actions off the last layer (analytic, iDLG, rgia-k).
-    continuous_actions: bool = True
+    #: The continuous-action algorithms the attack handles ("*": all of them). iDLG reads discrete
+    #: actions off the last layer and handles none; analytic and rgia-k read TD3's critics.
+    continuous_algorithms: tuple[str, ...] = ("*",)
+
+    @classmethod
+    def supports(cls, algorithm: str, continuous: bool) -> bool:
+        """Whether the attack handles the local algorithm ``algorithm`` (with continuous actions or not)."""
+        return not continuous or "*" in cls.continuous_algorithms or algorithm in cls.continuous_algorithms
 
     def __init__(self, **settings: object) -> None:
         self.settings = settings
@@ -143,3 +149,62 @@ def gradient_distance(g: tuple[Tensor, ...], target: tuple[Tensor, ...], kind: s
     if kind == "cosine":
         return 1.0 - (flat * tflat).sum(-1) / (flat.norm(dim=-1) * tflat.norm()).clamp_min(1e-30)
     raise ValueError(f"unknown gradient distance {kind!r}")
+
+
+def linear_layers(model: nn.Module) -> list[str]:
+    """The names of the model's ``nn.Linear`` layers, in ``named_modules`` order."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def recover_inputs(gw: Tensor, gb: Tensor, batch_size: int, prior_states: np.ndarray | None, seed: int) -> np.ndarray:
+    """Inputs of a linear layer from its weight and bias gradients.
+
+    Every unit j with a non-zero bias gradient gives a candidate ``gw[j] / gb[j]``. Units that
+    only one sample activates give that sample's input exactly, so candidates that agree across
+    several units are the inputs; mixtures from units shared by several samples do not repeat.
+    """
+    scale = gb.abs().max()
+    if scale == 0:
+        raise ValueError("the first layer's bias gradient is zero: nothing to recover")
+    units = torch.nonzero(gb.abs() > 1e-9 * scale).flatten()
+    units = units[torch.argsort(gb[units].abs(), descending=True)]
+    cand = gw[units] / gb[units, None]
+    reps: list[Tensor] = []
+    counts: list[int] = []
+    for c in cand:
+        for k, r in enumerate(reps):
+            if torch.norm(c - r) <= 1e-4 * (1.0 + torch.norm(r)):
+                counts[k] += 1
+                break
+        else:
+            reps.append(c)
+            counts.append(1)
+    order = np.argsort(-np.asarray(counts), kind="stable")
+    chosen = [reps[k] for k in order[:batch_size] if counts[k] >= 2 or batch_size == 1]
+    out = [c.float().numpy() for c in chosen]
+    rng = np.random.default_rng(seed)
+    while len(out) < batch_size:  # not enough single-sample units: fill from the prior
+        if prior_states is not None and len(prior_states):
+            out.append(prior_states[rng.integers(len(prior_states))].reshape(-1))
+        else:
+            out.append(reps[order[len(out) % len(reps)]].float().numpy())
+    return np.stack(out[:batch_size])
+
+
+def closed_form_reconstruction(inp: AttackInput, batch: Batch, name: str) -> Reconstruction:
+    """A batch computed in closed form, as a :class:`Reconstruction` with its relative L2
+    gradient distance to the update (the attacker's own check; continuous actions are kept as
+    values, discrete ones as the (B, A) probabilities)."""
+    p = {k: v.detach().requires_grad_(True) for k, v in inp.params.items()}
+    dist = float(gradient_distance(inp.loss.gradient(inp.model, p, inp.target_params, batch), tuple(inp.gradient), "rel_l2"))
+    return Reconstruction(
+        attack=name,
+        states=batch.states.detach().numpy().astype(np.float32),
+        action_probs=batch.actions.detach().numpy(),
+        rewards=batch.rewards.detach().numpy(),
+        next_states=batch.next_states.detach().numpy(),
+        dones=batch.dones.detach().numpy(),
+        objective=dist,
+        grad_distance=dist,
+        continuous=inp.continuous,
+    )

@@ -9,16 +9,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from drivepriv.attacks.base import ATTACKS, Attack, AttackInput, Reconstruction, gradient_distance, lstsq
+from drivepriv.attacks.base import ATTACKS, Attack, AttackInput, Reconstruction, closed_form_reconstruction, linear_layers, lstsq, recover_inputs
 from drivepriv.attacks.engine import EngineSettings, run_engine
 from drivepriv.agents.common import Batch
 from drivepriv.agents.ppo import PPOLossSpec
-from drivepriv.attacks import exact, rowspace
+from drivepriv.attacks import actor_critic, exact, rowspace
 from drivepriv.seeding import derive_seed
-
-
-def _linear_layers(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
 @ATTACKS.register("analytic")
@@ -33,25 +29,28 @@ class AnalyticAttack(Attack):
     """
 
     name = "analytic"
-    continuous_actions = False
+    continuous_algorithms = ("td3",)
     summary = "closed form: first-layer input from weight/bias gradients, action and TD target from the last layer"
 
     def run(self, inp: AttackInput, seed: int) -> Reconstruction:
         t0 = time.perf_counter()
-        rec = complete_from_states(inp, analytic_states(inp, seed), self.name)
+        if actor_critic.reads_actions(inp):  # TD3: the critic's first layer reads (s, a)
+            rec = actor_critic.complete(inp, actor_critic.analytic_inputs(inp, seed), self.name)
+        else:
+            rec = complete_from_states(inp, analytic_states(inp, seed), self.name)
         rec.time_s = time.perf_counter() - t0
         return rec
 
 
 def analytic_states(inp: AttackInput, seed: int) -> np.ndarray:
     """The (B, V, F) states the first linear layer's weight and bias gradients give in closed
-    form (see :func:`_recover_inputs`). Under FedAvg with K > 1 local steps, -delta/lr sums
+    form (see :func:`~drivepriv.attacks.base.recover_inputs`). Under FedAvg with K > 1 local steps, -delta/lr sums
     gradients taken at K slightly different parameters: inputs stay exact where one sample
     drives a unit, the rest is an approximation."""
-    first = _linear_layers(inp.model)[0]
+    first = linear_layers(inp.model)[0]
     g = dict(zip(inp.params, inp.gradient))
     gw, gb = g[f"{first}.weight"].double(), g[f"{first}.bias"].double()
-    return _recover_inputs(gw, gb, inp.n_transitions, inp.priors.prior_states, seed).reshape(inp.n_transitions, *inp.obs_shape)
+    return recover_inputs(gw, gb, inp.n_transitions, inp.priors.prior_states, seed).reshape(inp.n_transitions, *inp.obs_shape)
 
 
 def _is_ppo(inp: AttackInput) -> bool:
@@ -65,7 +64,7 @@ def complete_from_states(inp: AttackInput, states: np.ndarray, name: str) -> Rec
     the next state from the transition prior; the reward from the TD target or return (from
     the reward prior where the DQN's Huber loss saturates)."""
     B = inp.n_transitions
-    last = _linear_layers(inp.model)[-1]
+    last = linear_layers(inp.model)[-1]
     g = dict(zip(inp.params, inp.gradient))
     x = torch.as_tensor(states, dtype=torch.float32)
     # Penultimate activations of the states, then the per-sample output gradients.
@@ -101,20 +100,7 @@ def complete_from_states(inp: AttackInput, states: np.ndarray, name: str) -> Rec
             # reward the scenario's reward function gives the predicted next state
             prior_r = inp.priors.reward(x, probs, next_states, dones).float()
             rewards = torch.where(saturated, prior_r, rewards)
-    batch = Batch(x, probs, rewards, next_states, dones)
-    p = {k: v.detach().requires_grad_(True) for k, v in inp.params.items()}
-    g_hat = inp.loss.gradient(inp.model, p, inp.target_params, batch)
-    dist = float(gradient_distance(g_hat, tuple(inp.gradient), "rel_l2"))
-    return Reconstruction(
-        attack=name,
-        states=np.asarray(states, dtype=np.float32),
-        action_probs=probs.numpy(),
-        rewards=rewards.numpy(),
-        next_states=next_states.numpy(),
-        dones=dones.numpy(),
-        objective=dist,
-        grad_distance=dist,
-    )
+    return closed_form_reconstruction(inp, Batch(x, probs, rewards, next_states, dones), name)
 
 
 def _ppo_actions_and_returns(inp: AttackInput, out: Tensor, coef: Tensor) -> tuple[Tensor, Tensor]:
@@ -140,41 +126,6 @@ def _ppo_actions_and_returns(inp: AttackInput, out: Tensor, coef: Tensor) -> tup
     value = out[:, A].double()
     returns = value - coef[:, A] * inp.batch_size / (2.0 * inp.loss.vf_coef)
     return actions, returns.float()
-
-def _recover_inputs(gw: Tensor, gb: Tensor, batch_size: int, prior_states: np.ndarray | None, seed: int) -> np.ndarray:
-    """Inputs of a linear layer from its weight and bias gradients.
-
-    Every unit j with a non-zero bias gradient gives a candidate ``gw[j] / gb[j]``. Units that
-    only one sample activates give that sample's input exactly, so candidates that agree across
-    several units are the inputs; mixtures from units shared by several samples do not repeat.
-    """
-    scale = gb.abs().max()
-    if scale == 0:
-        raise ValueError("the first layer's bias gradient is zero: nothing to recover")
-    units = torch.nonzero(gb.abs() > 1e-9 * scale).flatten()
-    units = units[torch.argsort(gb[units].abs(), descending=True)]
-    cand = gw[units] / gb[units, None]
-    reps: list[Tensor] = []
-    counts: list[int] = []
-    for c in cand:
-        for k, r in enumerate(reps):
-            if torch.norm(c - r) <= 1e-4 * (1.0 + torch.norm(r)):
-                counts[k] += 1
-                break
-        else:
-            reps.append(c)
-            counts.append(1)
-    order = np.argsort(-np.asarray(counts), kind="stable")
-    chosen = [reps[k] for k in order[:batch_size] if counts[k] >= 2 or batch_size == 1]
-    out = [c.float().numpy() for c in chosen]
-    rng = np.random.default_rng(seed)
-    while len(out) < batch_size:  # not enough single-sample units: fill from the prior
-        if prior_states is not None and len(prior_states):
-            out.append(prior_states[rng.integers(len(prior_states))].reshape(-1))
-        else:
-            out.append(reps[order[len(out) % len(reps)]].float().numpy())
-    return np.stack(out[:batch_size])
-
 
 class _EngineAttack(Attack):
     """An attack that is a configuration of the shared engine."""
@@ -214,7 +165,7 @@ class IDLGAttack(_EngineAttack):
     gradient is the one whose sign differs from all others. Baseline."""
 
     name = "idlg"
-    continuous_actions = False
+    continuous_algorithms = ()
     summary = "iDLG: DLG with the action recovered from the last layer's gradient first (baseline)"
 
     def engine_settings(self, inp: AttackInput) -> EngineSettings:
@@ -222,7 +173,7 @@ class IDLGAttack(_EngineAttack):
         c.pop("lr", None)
         fixed = None
         if inp.n_transitions == 1:
-            last = _linear_layers(inp.model)[-1]
+            last = linear_layers(inp.model)[-1]
             g_bias = dict(zip(inp.params, inp.gradient))[f"{last}.bias"]
             if _is_ppo(inp):
                 # logits' gradient -A (e_a - pi): the action's entry has the sign of no other
@@ -289,7 +240,7 @@ class RGIAKAttack(RGIAAttack):
     subspace."""
 
     name = "rgia-k"
-    continuous_actions = False
+    continuous_algorithms = ("td3",)
     summary = "drivepriv: the batch recovered exactly from the update's rank-one structure (search, certify, peel, complete), closed-form rest, RGIA refinement only where nothing is certified"
 
     def weights(self, inp: AttackInput) -> dict[str, float]:
@@ -312,6 +263,8 @@ class RGIAKAttack(RGIAAttack):
         the row-space search gives the missing states; where nothing was certified, the
         regularised refinement then runs as in RGIA."""
         t0 = time.perf_counter()
+        if actor_critic.reads_actions(inp):
+            return self._run_critics(inp, seed, t0)
         n, (V, F) = inp.n_transitions, inp.obs_shape
         analytic = analytic_states(inp, seed).reshape(n, -1)
         starts = [analytic]
@@ -366,6 +319,27 @@ class RGIAKAttack(RGIAAttack):
         rec.time_s = time.perf_counter() - t0
         rec.extra["states_found"] = float(k)
         rec.extra["update_rank"] = float(res.stats.get("rank_first_layer", 0.0))
+        return rec
+
+    def _run_critics(self, inp: AttackInput, seed: int, t0: float) -> Reconstruction:
+        """TD3: each transition's (s, a) recovered exactly from a critic's update
+        (:mod:`drivepriv.attacks.actor_critic`), the rest in closed form; the analytic candidates
+        fill what is not certified, and where nothing is, the regularised refinement runs."""
+        n = inp.n_transitions
+        analytic = actor_critic.analytic_inputs(inp, seed)
+        found, stats = actor_critic.exact_inputs(inp, derive_seed(seed, "attack", self.name, "exact"), int(self.settings.get("search_restarts", 512)), starts=analytic)
+        k = len(found)
+        rec = actor_critic.complete(inp, actor_critic.fill(found, analytic, n), self.name)
+        if k == 0:
+            settings = self.engine_settings(inp)
+            settings.subspace = False  # the first layer is the actor's: its subspace holds s, not a
+            settings.init_from = rec
+            settings.lr *= 0.1
+            settings.iterations = int(self.settings.get("refine_iterations", max(1, settings.iterations // 4)))
+            rec = run_engine(inp, settings, seed, self.name)
+        rec.time_s = time.perf_counter() - t0
+        rec.extra["states_found"] = float(k)
+        rec.extra["update_rank"] = float(stats.get("rank_first_layer", 0.0))
         return rec
 
 

@@ -1,0 +1,174 @@
+"""Exact attacks on TD3's update: the twin critics read (s, a) (issue 16).
+
+A TD3 critic ``Q(s, a)`` is an MLP whose first linear layer takes the concatenated flattened
+state and action. Its weight and bias gradients are the same sum of rank-one terms over the
+batch as a Q-network's, with ``[s_i, a_i, 1]`` for the inputs, and the actor's term of the loss
+never reaches a critic (the critics are detached there, :class:`~drivepriv.agents.td3.TD3LossSpec`).
+So the exact machinery (:mod:`drivepriv.attacks.exact`: search, certify, peel, complete) run on
+one critic recovers every transition's state *and* the action it took, whatever the actor's
+update (delayed or not). The critic's output gradient of sample i is
+``dL/dQ1_i = 2 (Q1_i - y_i) / B``, which gives the TD target ``y_i``; the next state follows from
+the transition prior and the reward from the target:
+``r_i = y_i - gamma (1 - d_i) min(Q1', Q2')(s'_i, pi'(s'_i))`` with the target networks.
+
+The sub-networks are found by name: ``q1`` and ``q2`` (drivepriv's :class:`~drivepriv.agents.td3.TD3Net`
+and the audit's model protocol), each a chain of biased linear layers with ReLU between them.
+Nothing here reads the truth.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from drivepriv.agents.common import Batch
+from drivepriv.attacks import exact
+from drivepriv.attacks.chain import Chain
+from drivepriv.attacks.base import AttackInput, Reconstruction, closed_form_reconstruction, linear_layers, lstsq, recover_inputs
+
+#: The sub-networks of an actor-critic that read (s, a), in the order they are tried.
+CRITICS = ("q1", "q2")
+
+
+def critics(model: nn.Module) -> list[str]:
+    """The names of the model's critics (sub-networks that read the state and the action)."""
+    return [n for n in CRITICS if isinstance(getattr(model, n, None), nn.Module)]
+
+
+def reads_actions(inp: AttackInput) -> bool:
+    """Continuous actions and critics that read them: the update carries each (s, a)."""
+    return inp.continuous and bool(critics(inp.model))
+
+
+def _part(d: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) + 1 :]: v for k, v in d.items() if k.startswith(prefix + ".")}
+
+
+def _box(inp: AttackInput) -> tuple[np.ndarray, np.ndarray]:
+    """The critic's input box: the observation box, then the action box [-1, 1]^d."""
+    low, high = inp.priors.codec.box()
+    d = inp.n_actions
+    return np.concatenate([np.asarray(low, np.float64).reshape(-1), -np.ones(d)]), np.concatenate([np.asarray(high, np.float64).reshape(-1), np.ones(d)])
+
+
+def split(inp: AttackInput, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Critic inputs (k, D + d) -> states (k, *obs_shape) and actions (k, d) clipped to the action box."""
+    x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+    D = int(np.prod(inp.obs_shape))
+    return x[:, :D].reshape(len(x), *inp.obs_shape), np.clip(x[:, D:], -1.0, 1.0)
+
+
+def analytic_inputs(inp: AttackInput, seed: int) -> np.ndarray:
+    """The (n, D + d) critic inputs the first critic's first layer gives in closed form
+    (``dL/dW_j / dL/db_j``; exact for a batch of one, see :func:`drivepriv.attacks.base.recover_inputs`)."""
+    name = critics(inp.model)[0]
+    first = linear_layers(getattr(inp.model, name))[0]
+    g = _part(dict(zip(inp.params, inp.gradient)), name)
+    prior = inp.priors.prior_states
+    if prior is not None and len(prior):  # the attacker's own states, with a neutral action
+        prior = np.concatenate([np.asarray(prior, np.float32).reshape(len(prior), -1), np.zeros((len(prior), inp.n_actions), np.float32)], 1)
+    return recover_inputs(g[f"{first}.weight"].double(), g[f"{first}.bias"].double(), inp.n_transitions, prior, seed)
+
+
+def exact_inputs(inp: AttackInput, seed: int, restarts: int, starts: np.ndarray | None = None, passes: int = 3) -> tuple[np.ndarray, dict[str, float]]:
+    """Critic inputs (k, D + d) certified from the update, k <= n, and the search's statistics.
+
+    The critics see the same inputs and the same TD target: a sample certified in one critic,
+    with its target ``y = Q(x) - B g / 2`` from its output gradient g there, has a known output
+    gradient ``2 (Q'(x) - y) / B`` in the other, so its exact contribution is peeled off the
+    other critic's update before that one is searched for the rest (fewer terms, more rank
+    room). Critics are searched in turn until a whole pass certifies nothing new."""
+    n, B = inp.n_transitions, inp.batch_size
+    g = dict(zip(inp.params, inp.gradient))
+    names = critics(inp.model)
+    chains = {c: Chain(getattr(inp.model, c), _part(inp.params, c), _part(g, c)) for c in names}
+    xs = torch.zeros(0, chains[names[0]].in_dim, dtype=torch.float64)
+    ys = torch.zeros(0, dtype=torch.float64)
+    stats: dict[str, float] = {}
+    idle = 0
+    for step in range(passes * len(names)):
+        if len(xs) >= n or idle == len(names):
+            break
+        c = names[step % len(names)]
+        chain = chains[c]
+        grads = {}
+        if len(xs):
+            q = _output(chain, xs)
+            contrib = chain.per_sample_gradients(xs, (2.0 * (q - ys) / B)[:, None])
+        for k, name in enumerate(chain.names):
+            gw, gb = chain.layers[k].g_weight, chain.layers[k].g_bias
+            if len(xs):
+                gw, gb = gw - contrib[k][0], gb - contrib[k][1]
+            grads[f"{name}.weight"], grads[f"{name}.bias"] = gw, gb
+        res = exact.recover_exact(getattr(inp.model, c), _part(inp.params, c), grads, n - len(xs), _box(inp), seed + step, starts=starts, restarts=restarts)
+        stats.setdefault("rank_first_layer", res.stats.get("rank_first_layer", 0.0))
+        new = torch.as_tensor(res.states, dtype=torch.float64).reshape(-1, chain.in_dim)
+        if len(xs) and len(new):  # a point certified twice is one sample
+            keep = torch.cdist(new, xs).min(1).values > 1e-4 * (1.0 + new.norm(dim=1))
+            new, out_g = new[keep], torch.as_tensor(res.output_grads)[keep]
+        else:
+            out_g = torch.as_tensor(res.output_grads)
+        stats[f"{c}_pass{step // len(names)}"] = float(len(new))
+        idle = 0 if len(new) else idle + 1
+        if len(new):
+            xs = torch.cat([xs, new])
+            ys = torch.cat([ys, _output(chain, new) - B * out_g[:, 0].double() / 2.0])
+    return xs.float().numpy(), stats
+
+
+def _output(chain: Chain, x: Tensor) -> Tensor:
+    """The chain's (one) output at inputs x (k, D), in double precision."""
+    _, pre = chain.forward(x)
+    return pre[-1][:, 0]
+
+
+def complete(inp: AttackInput, x: np.ndarray, name: str) -> Reconstruction:
+    """Given the critic inputs (n, D + d), the rest in closed form: each sample's TD target from
+    the first critic's output gradient (least squares on its last layer), the next state from
+    the transition prior, the reward from the target."""
+    n = inp.n_transitions
+    states, actions = (torch.as_tensor(a) for a in split(inp, x))
+    critic = critics(inp.model)[0]
+    net = getattr(inp.model, critic)
+    last = linear_layers(net)[-1]
+    feats: dict[str, Tensor] = {}
+    handle = dict(net.named_modules())[last].register_forward_hook(lambda m, i, o: feats.__setitem__("h", i[0]))
+    with torch.no_grad():
+        _, q1, _ = functional_call(inp.model, inp.params, (states, actions))
+    handle.remove()
+    h = feats["h"].double()
+    g = _part(dict(zip(inp.params, inp.gradient)), critic)
+    design = torch.cat([h, torch.ones(n, 1, dtype=h.dtype)], dim=1)
+    rhs = torch.cat([g[f"{last}.weight"].double(), g[f"{last}.bias"].double()[:, None]], dim=1)
+    coef = lstsq(design.T, rhs.T)[:, 0]  # dL/dQ1_i = 2 (Q1_i - y_i) / B
+    target = (q1.double() - coef * inp.batch_size / 2.0).float()
+    dones = torch.zeros(n)
+    dyn = inp.priors.physics or inp.priors.dynamics
+    with torch.no_grad():
+        next_states = dyn(states, actions) if dyn is not None else states.clone()
+        _, q1_next, q2_next = functional_call(inp.model, inp.target_params, (next_states,))
+        rewards = target - inp.loss.gamma * (1.0 - dones) * torch.minimum(q1_next, q2_next)
+    return closed_form_reconstruction(inp, Batch(states, actions, rewards, next_states, dones), name)
+
+
+def fill(found: np.ndarray, candidates: np.ndarray, n: int) -> np.ndarray:
+    """``found`` (k, D) completed to n rows: first the candidates that are none of the found
+    ones, then the found ones again (terms the update cannot split take their term)."""
+    candidates = np.asarray(candidates, np.float32).reshape(len(candidates), -1)
+    found = np.asarray(found, np.float32).reshape(len(found), candidates.shape[1])
+    rows = list(found)
+    for c in candidates:
+        if len(rows) >= n:
+            break
+        if not len(found) or np.min(np.linalg.norm(found - c, axis=1)) > 1e-4 * (1.0 + np.linalg.norm(c)):
+            rows.append(c)
+    k = 0
+    while len(rows) < n and len(found):
+        rows.append(found[k % len(found)])
+        k += 1
+    return np.stack(rows[:n])
+
+
+__all__ = ["CRITICS", "analytic_inputs", "complete", "critics", "exact_inputs", "fill", "reads_actions", "split"]
