@@ -13,19 +13,20 @@ where Q takes the flattened observation. ``algorithm="ppo"`` means PPO's loss at
 minibatch of an update with one-step returns (:class:`drivepriv.agents.ppo.PPOLossSpec`): the
 model is an actor-critic with A + 1 outputs, the A action logits then the value. The model may
 be any ``nn.Module`` whose first layer is ``nn.Linear`` (any widths and activations).
+
+``algorithm="td3"`` (continuous actions) means exactly TD3's loss
+(:class:`drivepriv.agents.td3.TD3LossSpec`): ``mean((Q1(s, a) - y)^2) + mean((Q2(s, a) - y)^2)
+- policy_coef * mean(Q1(s, actor(s)))`` with ``y = r + gamma (1 - done) min(Q1', Q2')(s',
+actor'(s'))`` from the target model (detached) and the critics detached in the actor's term.
+The model has submodules ``actor`` (flattened observation -> action in [-1, 1]^d), ``q1`` and
+``q2`` (concatenated (flattened observation, action) -> one value); the audit uses them, not the
+model's own forward. ``rec.actions`` are then the (B, d) actions in that box.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import importlib
-import json
-import os
-import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Sequence
 
 import gymnasium as gym
@@ -36,15 +37,17 @@ from torch import nn
 
 from drivepriv.agents.dqn import DQNLossSpec
 from drivepriv.agents.ppo import PPOLossSpec
+from drivepriv.agents.td3 import TD3LossSpec, TD3Net
 from drivepriv.attacks import AttackInput, make_attack
 from drivepriv.config import RunConfig, apply_overrides
 from drivepriv.envs import make_codec
 from drivepriv.envs import make_env as _make_env
 from drivepriv.errors import ConfigError
-from drivepriv.federation.strategies import strategy
 from drivepriv.scenarios import load_scenario
 
-SUPPORTED_ALGORITHMS = ("dqn", "ppo")
+SUPPORTED_ALGORITHMS = ("dqn", "ppo", "td3")
+#: The sub-networks of an actor-critic model (``algorithm="td3"``).
+ACTOR_CRITIC = ("actor", "q1", "q2")
 
 
 @dataclass
@@ -53,8 +56,8 @@ class AuditReconstruction:
 
     attack: str
     states: np.ndarray  # (B, V, F)
-    actions: np.ndarray  # (B,) ints
-    action_probs: np.ndarray  # (B, A)
+    actions: np.ndarray  # (B,) ints; continuous actions (TD3): (B, d) values in [-1, 1]
+    action_probs: np.ndarray  # (B, A); continuous actions: the (B, d) values again
     rewards: np.ndarray  # (B,)
     next_states: np.ndarray  # (B, V, F)
     dones: np.ndarray  # (B,)
@@ -71,6 +74,12 @@ class _FlatInput(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.inner(obs.reshape(obs.shape[0], -1))
+
+
+def _actor_critic(model: nn.Module, obs_dim: int, act_dim: int) -> TD3Net:
+    """A user's actor-critic as TD3's loss reads it: its ``actor``, ``q1`` and ``q2`` (the
+    model's own forward is not used)."""
+    return TD3Net.from_modules(model.actor, model.q1, model.q2, obs_dim, act_dim)
 
 
 def _scenario(scenario: str | RunConfig, settings: dict[str, Any] | None) -> RunConfig:
@@ -130,8 +139,38 @@ def decode_observations(scenario: str | RunConfig, observations: np.ndarray) -> 
     return pd.DataFrame(rows)
 
 
+def _check_actor_critic(model: nn.Module, cfg: RunConfig) -> int:
+    """TD3: the action dimension, after checking the model's actor and critics fit the scenario."""
+    missing = [n for n in ACTOR_CRITIC if not isinstance(getattr(model, n, None), nn.Module)]
+    if missing:
+        raise ConfigError(
+            f"model: algorithm='td3' needs submodules actor (flattened observation -> action in [-1, 1]^d), q1 and q2 "
+            f"(concatenated (observation, action) -> one value); {', '.join(missing)} missing"
+        )
+    stray = [k for k, _ in model.named_parameters() if k.split(".")[0] not in ACTOR_CRITIC]
+    if stray:
+        raise ConfigError(f"model: parameters outside actor, q1 and q2 ({', '.join(stray[:3])}): TD3's loss has no place for them")
+    env = _make_env(cfg.env)
+    space = env.action_space
+    env.close()
+    if hasattr(space, "n") or len(space.shape) != 1:
+        raise ConfigError(f"scenario '{cfg.name}' has discrete actions; algorithm='td3' needs a continuous (Box) action space")
+    obs_dim, d = make_codec(cfg.env).obs_dim, int(space.shape[0])
+    want = {"actor": (obs_dim, d), "q1": (obs_dim + d, 1), "q2": (obs_dim + d, 1)}
+    for name, (n_in, n_out) in want.items():
+        linears = [m for m in getattr(model, name).modules() if isinstance(m, nn.Linear)]
+        if not linears or linears[0].bias is None or linears[0].in_features != n_in or linears[-1].out_features != n_out:
+            raise ConfigError(
+                f"model.{name}: expected an MLP of biased nn.Linear layers from {n_in} inputs to {n_out} output(s) on "
+                f"'{cfg.name}' ({obs_dim} observation values, {d} action dimensions)"
+            )
+    return d
+
+
 def _check_model(model: nn.Module, cfg: RunConfig, algorithm: str) -> int:
-    """The model's action count, after checking it fits the scenario and the algorithm."""
+    """The model's action count (TD3: action dimension), after checking it fits the scenario and the algorithm."""
+    if algorithm == "td3":
+        return _check_actor_critic(model, cfg)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     first = next((m for m in model.modules() if not list(m.children())), None)
     if not linears or first is not linears[0] or linears[0].bias is None:
@@ -171,6 +210,7 @@ def invert_gradients(
     settings: dict[str, Any] | None = None,
     vf_coef: float = 0.5,
     ent_coef: float = 0.0,
+    policy_coef: float = 1.0,
 ) -> AuditReconstruction:
     """Reconstruct the minibatch behind one shared gradient.
 
@@ -187,8 +227,10 @@ def invert_gradients(
         seed: the attacker's seed (its own simulator rollouts, restarts).
         settings: configuration overrides, e.g. ``{"attack.iterations": 800}``.
         vf_coef, ent_coef: PPO's value-loss and entropy coefficients (``algorithm="ppo"``).
+        policy_coef: TD3's weight of the actor's term (1; 0 for a critic-only step between
+            delayed actor updates).
     """
-    return _invert(model, gradients, "gradients", scenario, algorithm, batch_size, 1, 0.0, False, target_model, gamma, attack, seed, settings, vf_coef, ent_coef)
+    return _invert(model, gradients, "gradients", scenario, algorithm, batch_size, 1, 0.0, False, target_model, gamma, attack, seed, settings, (vf_coef, ent_coef, policy_coef))
 
 
 def invert_update(
@@ -207,6 +249,7 @@ def invert_update(
     settings: dict[str, Any] | None = None,
     vf_coef: float = 0.5,
     ent_coef: float = 0.0,
+    policy_coef: float = 1.0,
 ) -> AuditReconstruction:
     """Reconstruct the transitions behind one FedAvg update.
 
@@ -223,11 +266,12 @@ def invert_update(
         raise ConfigError(f"local_steps: expected an integer >= 1, got {local_steps}")
     if not lr > 0:
         raise ConfigError(f"lr: expected the clients' positive local step size, got {lr}")
-    return _invert(model, update, "update", scenario, algorithm, batch_size, local_steps, lr, same_batch, target_model, gamma, attack, seed, settings, vf_coef, ent_coef)
+    return _invert(model, update, "update", scenario, algorithm, batch_size, local_steps, lr, same_batch, target_model, gamma, attack, seed, settings, (vf_coef, ent_coef, policy_coef))
 
 
-def _invert(model, payload, what, scenario, algorithm, batch_size, local_steps, lr, same_batch, target_model, gamma, attack, seed, settings, vf_coef, ent_coef) -> AuditReconstruction:
+def _invert(model, payload, what, scenario, algorithm, batch_size, local_steps, lr, same_batch, target_model, gamma, attack, seed, settings, coefs) -> AuditReconstruction:
     """invert_gradients (``what="gradients"``) and invert_update (``what="update"``)."""
+    vf_coef, ent_coef, policy_coef = coefs
     if algorithm not in SUPPORTED_ALGORITHMS:
         raise ConfigError(f"algorithm '{algorithm}' is not supported; supported: {', '.join(SUPPORTED_ALGORITHMS)}")
     if batch_size < 1:
@@ -247,11 +291,17 @@ def _invert(model, payload, what, scenario, algorithm, batch_size, local_steps, 
     cfg = apply_overrides(cfg, [(["seed"], seed)], source="seed")
     codec = make_codec(cfg.env)
     n_actions = _check_model(model, cfg, algorithm)
-    loss = DQNLossSpec(gamma=gamma) if algorithm == "dqn" else PPOLossSpec(gamma=gamma, vf_coef=vf_coef, ent_coef=ent_coef)
-    wrapped = _FlatInput(copy.deepcopy(model), n_actions)
-    target = _FlatInput(copy.deepcopy(target_model if target_model is not None else model), n_actions)
-    priors, _, _ = build_priors(cfg, progress=False)
     payload = tuple(torch.as_tensor(g).detach().float() for g in payload)
+    if algorithm == "td3":
+        loss = TD3LossSpec(gamma=gamma, policy_coef=policy_coef)
+        wrapped, target = (_actor_critic(copy.deepcopy(m), codec.obs_dim, n_actions) for m in (model, target_model if target_model is not None else model))
+        by_name = dict(zip((k for k, _ in model.named_parameters()), payload))
+        payload = tuple(by_name[k] for k, _ in wrapped.named_parameters())  # in the order TD3's loss reads them
+    else:
+        loss = DQNLossSpec(gamma=gamma) if algorithm == "dqn" else PPOLossSpec(gamma=gamma, vf_coef=vf_coef, ent_coef=ent_coef)
+        wrapped = _FlatInput(copy.deepcopy(model), n_actions)
+        target = _FlatInput(copy.deepcopy(target_model if target_model is not None else model), n_actions)
+    priors, _, _ = build_priors(cfg, progress=False)
     fedavg = what == "update"
     steps = 1 if same_batch else local_steps
     if not fedavg:
@@ -267,7 +317,7 @@ def _invert(model, payload, what, scenario, algorithm, batch_size, local_steps, 
         gradient=gradient,
         loss=loss,
         batch_size=batch_size,
-        obs_shape=(codec.vehicles_count, codec.n_features),
+        obs_shape=tuple(codec.obs_shape),
         n_actions=n_actions,
         priors=priors,
         local_steps=steps,
@@ -286,121 +336,3 @@ def _invert(model, payload, what, scenario, algorithm, batch_size, local_steps, 
         dones=rec.dones,
         grad_distance=rec.grad_distance,
     )
-
-
-def load_model_factory(spec: str) -> nn.Module:
-    """``package.module:Factory`` -> ``Factory()``, the deployment's (untrained) network."""
-    module, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path:  # as `python -m` does: the app's package from where you stand
-        sys.path.insert(0, os.getcwd())
-    if not module or not attr:
-        raise ConfigError(f"--model {spec!r}: expected MODULE:FACTORY, e.g. my_app.task:Net (a callable returning the nn.Module)")
-    try:
-        factory = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"--model {spec!r}: cannot import it ({e}); is the app's package on the Python path (PYTHONPATH=...)?") from None
-    try:
-        model = factory()
-    except Exception as e:  # noqa: BLE001 - the user's code: say what failed, without a traceback
-        raise ConfigError(f"--model {spec!r}: calling it failed ({type(e).__name__}: {e}); it must build the network with no arguments") from None
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"--model {spec!r}: returned {type(model).__name__}, not a torch nn.Module")
-    return model
-
-
-def capture_truths(views: list, truth_dir: str | Path) -> dict:
-    """The recorded minibatches behind each captured update, keyed by (round, client): the
-    client's own file, or under secure aggregation (client -1) all the round's files merged.
-    Checked against the capture's local steps and batch size."""
-    from drivepriv.federation.flower_support import load_truth
-    from drivepriv.federation.recorder import merge_truths
-
-    truths = {}
-    for v in views:
-        if v.client == -1:  # secure aggregation: every client's minibatch of the round
-            files = sorted(Path(truth_dir).glob(f"r{v.round}-c*.npz"), key=lambda f: int(f.stem.split("-c")[1]))
-            parts = [load_truth(truth_dir, v.round, int(f.stem.split("-c")[1])) for f in files]
-            t = merge_truths(v.round, parts) if parts else None
-        else:
-            t = load_truth(truth_dir, v.round, v.client)
-        if t is None:
-            raise ConfigError(f"{truth_dir}: no truth for round {v.round}, client {v.client} (file r{v.round}-c{'*' if v.client == -1 else v.client}.npz)")
-        if t.local_steps != v.local_steps or len(t) != v.batch_size * v.local_steps:
-            raise ConfigError(
-                f"{truth_dir}: round {v.round}, client {v.client}: the recorded truth has {t.local_steps} minibatch(es) and {len(t)} "
-                f"transitions, but the capture says {v.local_steps} local step(s) of {v.batch_size}; check batch_size/local_steps"
-            )
-        truths[(v.round, v.client)] = t
-    return truths
-
-
-def audit_capture(
-    capture: str | Path | list,
-    model: nn.Module,
-    scenario: str | RunConfig = "merge",
-    truth_dir: str | Path | None = None,
-    out: str | Path | None = None,
-    attacks: list[str] | None = None,
-    settings: dict[str, Any] | None = None,
-    command: str = "",
-    progress: bool = True,
-):
-    """Attack what a :class:`~drivepriv.federation.curious.CuriousStrategy` captured in a Flower
-    deployment, score it against the clients' own record of their minibatches, and write the
-    same report as ``drivepriv eval`` (``<out>/<scenario>/audit-<scenario>-seed<seed>-<time>/``).
-
-    Args:
-        capture: the folder ``strategy.save()`` wrote, or the strategy's ``views``.
-        model: the deployment's network (its parameter names are those in the capture).
-        scenario: the scenario the clients drove: observation layout, road, reward, dynamics.
-        truth_dir: where the audited clients wrote their minibatches
-            (:func:`drivepriv.federation.flower_support.save_truth`). The attacks never read it.
-    """
-    from drivepriv.pipeline import attack_and_report, check_supported, start_run
-
-    cfg = _scenario(scenario, settings)
-    overrides: list = []
-    if out is not None:
-        overrides.append((["out"], str(out)))
-    if attacks:
-        overrides.append((["attack", "attacks"], list(attacks)))
-    cfg = apply_overrides(cfg, overrides, source="audit") if overrides else cfg
-    if isinstance(capture, (str, Path)):
-        from drivepriv.federation.curious import load_capture
-
-        views = load_capture(capture)
-    else:
-        views = list(capture)
-    if not views:
-        raise ConfigError("the capture holds no client update: were the watched rounds (CuriousStrategy rounds=...) run?")
-    losses = {type(v.loss) for v in views}
-    if losses - {DQNLossSpec, PPOLossSpec}:
-        raise ConfigError(f"the capture's loss {', '.join(t.__name__ for t in losses)} is not one the audit supports (DQNLossSpec, PPOLossSpec)")
-    algorithm = "ppo" if isinstance(views[0].loss, PPOLossSpec) else "dqn"
-    n_actions = _check_model(model, cfg, algorithm)
-    shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}
-    for v in views:
-        got = {k: tuple(t.shape) for k, t in v.params.items()}
-        if got != shapes:
-            diff = [k for k in dict.fromkeys([*shapes, *got]) if shapes.get(k) != got.get(k)]
-            raise ConfigError(
-                f"round {v.round}, client {v.client}: the captured arrays are not the model's parameters "
-                f"(differ at {', '.join(f'{k}: capture {got.get(k)}, model {shapes.get(k)}' for k in diff[:3])}); pass the deployment's network with --model"
-            )
-        if v.client == -1 and strategy(v.strategy).unrolled_steps(v.local_steps) > 1:
-            raise ConfigError("a secure-aggregation capture of K-step FedAvg deltas cannot be attacked (the mean is no client's unrolled training)")
-    if truth_dir is None:
-        raise ConfigError(
-            "scoring needs the clients' true minibatches (--truth DIR, written by the audited clients with save_truth); "
-            "to reconstruct without scoring, use drivepriv.audit.invert_gradients on each captured update"
-        )
-    truths = capture_truths(views, truth_dir)
-    cfg = apply_overrides(cfg, [(["agent", "algorithm"], algorithm)], source="audit")
-    check_supported(cfg)
-    wrapped = _FlatInput(copy.deepcopy(model), n_actions)
-    inner = lambda d: {"inner." + k: v for k, v in d.items()}  # noqa: E731 - the wrapper's parameter names
-    views = [dataclasses.replace(v, params=inner(v.params), target_params=inner(v.target_params)) for v in views]
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    work, final_dir = start_run(cfg, command, f"audit-{cfg.name}-seed{cfg.seed}-{stamp}", f"drivepriv audit (scenario {cfg.name})")
-    (work / "audit.json").write_text(json.dumps({"views": len(views), "truth_dir": str(truth_dir), "model": type(model).__name__}, indent=2))
-    return attack_and_report(cfg, wrapped, views, truths, work, final_dir, progress)

@@ -121,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from drivepriv.audit import audit_capture, load_model_factory
+    from drivepriv.capture import audit_capture, load_model_factory
 
     model = load_model_factory(args.model)
     settings = {".".join(k): v for k, v in (parse_override(x) for x in args.set or [])}

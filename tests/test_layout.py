@@ -16,8 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "drivepriv"
 
 #: What each layer must not import (DESIGN.md section 5: "envs and priors know nothing of
 #: federation or attacks; attacks know nothing of metrics; metrics and report come last").
-#: The entry points (cli, pipeline, audit, sweep) come after every layer.
-ENTRY = {"cli", "pipeline", "audit", "sweep"}
+#: The entry points (cli, pipeline, audit, capture, sweep) come after every layer.
+ENTRY = {"cli", "pipeline", "audit", "capture", "sweep"}
 FORBIDDEN = {
     "envs": {"federation", "attacks", "metrics", "report"} | ENTRY,
     "priors": {"federation", "attacks", "metrics", "report"} | ENTRY,

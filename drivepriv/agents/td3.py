@@ -52,6 +52,17 @@ class TD3Net(nn.Module):
         self.obs_dim = obs_dim
         self.n_actions = act_dim
 
+    @classmethod
+    def from_modules(cls, actor: nn.Module, q1: nn.Module, q2: nn.Module, obs_dim: int, act_dim: int) -> TD3Net:
+        """A TD3Net made of given sub-networks (a user's own, as the audit receives them):
+        ``actor`` flattened observation -> action in [-1, 1]^d, ``q1`` and ``q2`` concatenated
+        (observation, action) -> one value."""
+        net = cls.__new__(cls)
+        nn.Module.__init__(net)
+        net.actor, net.q1, net.q2 = actor, q1, q2
+        net.obs_dim, net.n_actions = obs_dim, act_dim
+        return net
+
     def forward(self, states: Tensor, actions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(pi(s) (B, d), Q1(s, a') (B,), Q2(s, a') (B,)) with a' = ``actions`` if given, else pi(s)."""
         s = states.reshape(states.shape[0], -1)

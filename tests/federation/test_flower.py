@@ -193,7 +193,7 @@ def _view(client: int, batch_size: int, model: torch.nn.Module, rnd: int = 2):
 
 
 def test_audit_scores_a_secure_aggregate_against_every_clients_minibatch(tmp_path):
-    from drivepriv.audit import capture_truths
+    from drivepriv.capture import capture_truths
     from drivepriv.federation.flower_support import save_truth
 
     rng = np.random.default_rng(0)
@@ -216,7 +216,7 @@ def test_audit_scores_a_secure_aggregate_against_every_clients_minibatch(tmp_pat
 
 
 def test_audit_rejects_a_model_that_is_not_the_captured_one(tmp_path):
-    from drivepriv.audit import audit_capture
+    from drivepriv.capture import audit_capture
 
     captured = torch.nn.Sequential(torch.nn.Linear(35, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
     other = torch.nn.Sequential(torch.nn.Linear(35, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
