@@ -21,6 +21,10 @@ actor'(s'))`` from the target model (detached) and the critics detached in the a
 The model has submodules ``actor`` (flattened observation -> action in [-1, 1]^d), ``q1`` and
 ``q2`` (concatenated (flattened observation, action) -> one value); the audit uses them, not the
 model's own forward. ``rec.actions`` are then the (B, d) actions in that box.
+``algorithm="sac"``: the same submodules, the actor giving the mean, then the log standard
+deviation, of the pre-tanh Gaussian (2d values), and SAC's loss with the fixed temperature
+``alpha`` (:class:`drivepriv.agents.sac.SACLossSpec`); the client's sampling noise is its own,
+so the audit evaluates the policy's terms at the mean action.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from torch import nn
 
 from drivepriv.agents.dqn import DQNLossSpec
 from drivepriv.agents.ppo import PPOLossSpec
+from drivepriv.agents.sac import SACLossSpec, SACNet
 from drivepriv.agents.td3 import TD3LossSpec, TD3Net
 from drivepriv.attacks import AttackInput, make_attack
 from drivepriv.config import RunConfig, apply_overrides
@@ -45,8 +50,8 @@ from drivepriv.envs import make_env as _make_env
 from drivepriv.errors import ConfigError
 from drivepriv.scenarios import load_scenario
 
-SUPPORTED_ALGORITHMS = ("dqn", "ppo", "td3")
-#: The sub-networks of an actor-critic model (``algorithm="td3"``).
+SUPPORTED_ALGORITHMS = ("dqn", "ppo", "td3", "sac")
+#: The sub-networks of an actor-critic model (``algorithm="td3"`` or ``"sac"``).
 ACTOR_CRITIC = ("actor", "q1", "q2")
 
 
@@ -74,12 +79,6 @@ class _FlatInput(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.inner(obs.reshape(obs.shape[0], -1))
-
-
-def _actor_critic(model: nn.Module, obs_dim: int, act_dim: int) -> TD3Net:
-    """A user's actor-critic as TD3's loss reads it: its ``actor``, ``q1`` and ``q2`` (the
-    model's own forward is not used)."""
-    return TD3Net.from_modules(model.actor, model.q1, model.q2, obs_dim, act_dim)
 
 
 def _scenario(scenario: str | RunConfig, settings: dict[str, Any] | None) -> RunConfig:
@@ -139,24 +138,25 @@ def decode_observations(scenario: str | RunConfig, observations: np.ndarray) -> 
     return pd.DataFrame(rows)
 
 
-def _check_actor_critic(model: nn.Module, cfg: RunConfig) -> int:
-    """TD3: the action dimension, after checking the model's actor and critics fit the scenario."""
+def _check_actor_critic(model: nn.Module, cfg: RunConfig, algorithm: str) -> int:
+    """TD3, SAC: the action dimension, after checking the model's actor and critics fit the scenario."""
     missing = [n for n in ACTOR_CRITIC if not isinstance(getattr(model, n, None), nn.Module)]
+    actor_out = "action in [-1, 1]^d" if algorithm == "td3" else "the mean, then the log std, of the pre-tanh Gaussian (2d values)"
     if missing:
         raise ConfigError(
-            f"model: algorithm='td3' needs submodules actor (flattened observation -> action in [-1, 1]^d), q1 and q2 "
+            f"model: algorithm='{algorithm}' needs submodules actor (flattened observation -> {actor_out}), q1 and q2 "
             f"(concatenated (observation, action) -> one value); {', '.join(missing)} missing"
         )
     stray = [k for k, _ in model.named_parameters() if k.split(".")[0] not in ACTOR_CRITIC]
     if stray:
-        raise ConfigError(f"model: parameters outside actor, q1 and q2 ({', '.join(stray[:3])}): TD3's loss has no place for them")
+        raise ConfigError(f"model: parameters outside actor, q1 and q2 ({', '.join(stray[:3])}): the {algorithm} loss has no place for them")
     env = _make_env(cfg.env)
     space = env.action_space
     env.close()
     if hasattr(space, "n") or len(space.shape) != 1:
-        raise ConfigError(f"scenario '{cfg.name}' has discrete actions; algorithm='td3' needs a continuous (Box) action space")
+        raise ConfigError(f"scenario '{cfg.name}' has discrete actions; algorithm='{algorithm}' needs a continuous (Box) action space")
     obs_dim, d = make_codec(cfg.env).obs_dim, int(space.shape[0])
-    want = {"actor": (obs_dim, d), "q1": (obs_dim + d, 1), "q2": (obs_dim + d, 1)}
+    want = {"actor": (obs_dim, d if algorithm == "td3" else 2 * d), "q1": (obs_dim + d, 1), "q2": (obs_dim + d, 1)}
     for name, (n_in, n_out) in want.items():
         linears = [m for m in getattr(model, name).modules() if isinstance(m, nn.Linear)]
         if not linears or linears[0].bias is None or linears[0].in_features != n_in or linears[-1].out_features != n_out:
@@ -169,8 +169,8 @@ def _check_actor_critic(model: nn.Module, cfg: RunConfig) -> int:
 
 def _check_model(model: nn.Module, cfg: RunConfig, algorithm: str) -> int:
     """The model's action count (TD3: action dimension), after checking it fits the scenario and the algorithm."""
-    if algorithm == "td3":
-        return _check_actor_critic(model, cfg)
+    if algorithm in ("td3", "sac"):
+        return _check_actor_critic(model, cfg, algorithm)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     first = next((m for m in model.modules() if not list(m.children())), None)
     if not linears or first is not linears[0] or linears[0].bias is None:
@@ -211,6 +211,7 @@ def invert_gradients(
     vf_coef: float = 0.5,
     ent_coef: float = 0.0,
     policy_coef: float = 1.0,
+    alpha: float = 0.2,
 ) -> AuditReconstruction:
     """Reconstruct the minibatch behind one shared gradient.
 
@@ -229,8 +230,9 @@ def invert_gradients(
         vf_coef, ent_coef: PPO's value-loss and entropy coefficients (``algorithm="ppo"``).
         policy_coef: TD3's weight of the actor's term (1; 0 for a critic-only step between
             delayed actor updates).
+        alpha: SAC's entropy temperature (``algorithm="sac"``).
     """
-    return _invert(model, gradients, "gradients", scenario, algorithm, batch_size, 1, 0.0, False, target_model, gamma, attack, seed, settings, (vf_coef, ent_coef, policy_coef))
+    return _invert(model, gradients, "gradients", scenario, algorithm, batch_size, 1, 0.0, False, target_model, gamma, attack, seed, settings, (vf_coef, ent_coef, policy_coef, alpha))
 
 
 def invert_update(
@@ -250,6 +252,7 @@ def invert_update(
     vf_coef: float = 0.5,
     ent_coef: float = 0.0,
     policy_coef: float = 1.0,
+    alpha: float = 0.2,
 ) -> AuditReconstruction:
     """Reconstruct the transitions behind one FedAvg update.
 
@@ -266,12 +269,12 @@ def invert_update(
         raise ConfigError(f"local_steps: expected an integer >= 1, got {local_steps}")
     if not lr > 0:
         raise ConfigError(f"lr: expected the clients' positive local step size, got {lr}")
-    return _invert(model, update, "update", scenario, algorithm, batch_size, local_steps, lr, same_batch, target_model, gamma, attack, seed, settings, (vf_coef, ent_coef, policy_coef))
+    return _invert(model, update, "update", scenario, algorithm, batch_size, local_steps, lr, same_batch, target_model, gamma, attack, seed, settings, (vf_coef, ent_coef, policy_coef, alpha))
 
 
 def _invert(model, payload, what, scenario, algorithm, batch_size, local_steps, lr, same_batch, target_model, gamma, attack, seed, settings, coefs) -> AuditReconstruction:
     """invert_gradients (``what="gradients"``) and invert_update (``what="update"``)."""
-    vf_coef, ent_coef, policy_coef = coefs
+    vf_coef, ent_coef, policy_coef, alpha = coefs
     if algorithm not in SUPPORTED_ALGORITHMS:
         raise ConfigError(f"algorithm '{algorithm}' is not supported; supported: {', '.join(SUPPORTED_ALGORITHMS)}")
     if batch_size < 1:
@@ -292,9 +295,10 @@ def _invert(model, payload, what, scenario, algorithm, batch_size, local_steps, 
     codec = make_codec(cfg.env)
     n_actions = _check_model(model, cfg, algorithm)
     payload = tuple(torch.as_tensor(g).detach().float() for g in payload)
-    if algorithm == "td3":
-        loss = TD3LossSpec(gamma=gamma, policy_coef=policy_coef)
-        wrapped, target = (_actor_critic(copy.deepcopy(m), codec.obs_dim, n_actions) for m in (model, target_model if target_model is not None else model))
+    if algorithm in ("td3", "sac"):
+        loss = TD3LossSpec(gamma=gamma, policy_coef=policy_coef) if algorithm == "td3" else SACLossSpec(gamma=gamma, alpha=alpha)
+        net = TD3Net if algorithm == "td3" else SACNet
+        wrapped, target = (net.from_modules(m.actor, m.q1, m.q2, codec.obs_dim, n_actions) for m in (copy.deepcopy(model), copy.deepcopy(target_model if target_model is not None else model)))
         by_name = dict(zip((k for k, _ in model.named_parameters()), payload))
         payload = tuple(by_name[k] for k, _ in wrapped.named_parameters())  # in the order TD3's loss reads them
     else:

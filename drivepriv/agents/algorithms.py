@@ -8,6 +8,7 @@ with. The federation never imports a specific algorithm; the attacker gets the s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ from torch import nn
 
 from drivepriv.agents.dqn import DQNLossSpec, QNetwork, epsilon_at
 from drivepriv.agents.ppo import ActorCritic, PPOLossSpec, ppo_act
+from drivepriv.agents.sac import SACLossSpec, SACNet, sac_act
 from drivepriv.agents.td3 import TD3LossSpec, TD3Net, td3_act
 from drivepriv.config import RunConfig
 from drivepriv.errors import ConfigError
@@ -75,6 +77,12 @@ class LocalAlgorithm:
     def act(self, model: nn.Module, obs: np.ndarray, rng: np.random.Generator, env_steps: int):
         """The action to store (raw) for observation ``obs``."""
         raise NotImplementedError
+
+    def client_loss(self, spec, rng: np.random.Generator):
+        """The loss a client trains one local step with: ``spec`` itself, or (SAC) ``spec``
+        with the step's private noise drawn from the client's generator ``rng``; the server
+        keeps ``spec``."""
+        return spec
 
     def greedy(self, model: nn.Module, obs: np.ndarray):
         """The policy's action without exploration (for measuring the trained policy's utility)."""
@@ -163,6 +171,35 @@ class TD3(LocalAlgorithm):
     def greedy(self, model, obs):
         with torch.no_grad():
             return model.actor(torch.as_tensor(obs, dtype=torch.float32).reshape(1, -1))[0].numpy().astype(np.float32)
+
+
+@ALGORITHMS.register("sac")
+class SAC(LocalAlgorithm):
+    """SAC (Haarnoja et al., 2018): squashed Gaussian actor, twin critics, target critics,
+    replay, fixed entropy temperature; shares the critics' soft TD gradient and the actor's."""
+
+    name = "sac"
+    discrete_ok = False
+
+    def build_model(self) -> nn.Module:
+        return SACNet(self.obs_dim, self.actions.n, self.cfg.agent.hidden_sizes)
+
+    def loss_spec(self) -> SACLossSpec:
+        return SACLossSpec(gamma=self.cfg.federation.gamma, alpha=self.cfg.agent.entropy_alpha)
+
+    def client_loss(self, spec: SACLossSpec, rng: np.random.Generator) -> SACLossSpec:
+        return dataclasses.replace(spec, noise_seed=int(rng.integers(2**31 - 1)))
+
+    def act(self, model, obs, rng, env_steps):
+        a = self.cfg.agent
+        if rng.random() < epsilon_at(env_steps, a.epsilon_start, a.epsilon_end, a.epsilon_decay_steps) - a.epsilon_end:
+            return rng.uniform(-1.0, 1.0, self.actions.n).astype(np.float32)
+        return sac_act(model, obs, rng)
+
+    def greedy(self, model, obs):
+        """The mean action tanh(mu)."""
+        with torch.no_grad():
+            return model(torch.as_tensor(obs, dtype=torch.float32).reshape(1, -1))[0][0].numpy().astype(np.float32)
 
 
 def make_algorithm(cfg: RunConfig, obs_dim: int, action_space: spaces.Space) -> LocalAlgorithm:

@@ -34,34 +34,16 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from drivepriv.agents.common import Batch
-from drivepriv.agents.nets import mlp
+from drivepriv.agents.nets import ActorCriticNet, mlp
 
 
-class TD3Net(nn.Module):
-    """TD3's actor and twin critics in one module (so one parameter dict travels).
-
-    ``actor`` is registered first: the first ``nn.Linear`` of ``named_modules()`` is the actor's
-    first layer, whose input is the flattened state (what the closed-form attacks read).
-    """
+class TD3Net(ActorCriticNet):
+    """TD3's deterministic actor (flattened observation -> action in [-1, 1]^d, a tanh output)
+    and twin critics in one module (:class:`~drivepriv.agents.nets.ActorCriticNet`)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: list[int]) -> None:
-        super().__init__()
-        self.actor = nn.Sequential(mlp(obs_dim, hidden_sizes, act_dim), nn.Tanh())
-        self.q1 = mlp(obs_dim + act_dim, hidden_sizes, 1)
-        self.q2 = mlp(obs_dim + act_dim, hidden_sizes, 1)
-        self.obs_dim = obs_dim
-        self.n_actions = act_dim
-
-    @classmethod
-    def from_modules(cls, actor: nn.Module, q1: nn.Module, q2: nn.Module, obs_dim: int, act_dim: int) -> TD3Net:
-        """A TD3Net made of given sub-networks (a user's own, as the audit receives them):
-        ``actor`` flattened observation -> action in [-1, 1]^d, ``q1`` and ``q2`` concatenated
-        (observation, action) -> one value."""
-        net = cls.__new__(cls)
-        nn.Module.__init__(net)
-        net.actor, net.q1, net.q2 = actor, q1, q2
-        net.obs_dim, net.n_actions = obs_dim, act_dim
-        return net
+        actor = nn.Sequential(mlp(obs_dim, hidden_sizes, act_dim), nn.Tanh())
+        super().__init__(actor, mlp(obs_dim + act_dim, hidden_sizes, 1), mlp(obs_dim + act_dim, hidden_sizes, 1), obs_dim, act_dim)
 
     def forward(self, states: Tensor, actions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(pi(s) (B, d), Q1(s, a') (B,), Q2(s, a') (B,)) with a' = ``actions`` if given, else pi(s)."""
@@ -89,11 +71,15 @@ class TD3LossSpec:
     name: str = "td3"
     discrete: ClassVar[bool] = False
 
+    def next_value(self, model: nn.Module, params: dict[str, Tensor], target_params: dict[str, Tensor], next_states: Tensor) -> Tensor:
+        """min(Q1', Q2')(s', pi'(s')) (B,) from the target networks, detached from the parameters."""
+        target = {k: v.detach() for k, v in target_params.items()}
+        _, q1_next, q2_next = functional_call(model, target, (next_states,))
+        return torch.minimum(q1_next, q2_next)
+
     def targets(self, model: nn.Module, target_params: dict[str, Tensor], batch: Batch) -> Tensor:
         """Clipped double-Q targets y (B,), detached from the parameters."""
-        target = {k: v.detach() for k, v in target_params.items()}
-        _, q1_next, q2_next = functional_call(model, target, (batch.next_states,))
-        return batch.rewards + self.gamma * (1.0 - batch.dones) * torch.minimum(q1_next, q2_next)
+        return batch.rewards + self.gamma * (1.0 - batch.dones) * self.next_value(model, target_params, target_params, batch.next_states)
 
     def critic_loss(self, model: nn.Module, params: dict[str, Tensor], target_params: dict[str, Tensor], batch: Batch) -> Tensor:
         """The twin critics' TD loss (its gradient reaches only the critics)."""

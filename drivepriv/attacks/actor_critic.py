@@ -136,7 +136,7 @@ def complete(inp: AttackInput, x: np.ndarray, name: str) -> Reconstruction:
     feats: dict[str, Tensor] = {}
     handle = dict(net.named_modules())[last].register_forward_hook(lambda m, i, o: feats.__setitem__("h", i[0]))
     with torch.no_grad():
-        _, q1, _ = functional_call(inp.model, inp.params, (states, actions))
+        q1 = functional_call(inp.model, inp.params, (states, actions))[1]
     handle.remove()
     h = feats["h"].double()
     g = _part(dict(zip(inp.params, inp.gradient)), critic)
@@ -148,8 +148,9 @@ def complete(inp: AttackInput, x: np.ndarray, name: str) -> Reconstruction:
     dyn = inp.priors.physics or inp.priors.dynamics
     with torch.no_grad():
         next_states = dyn(states, actions) if dyn is not None else states.clone()
-        _, q1_next, q2_next = functional_call(inp.model, inp.target_params, (next_states,))
-        rewards = target - inp.loss.gamma * (1.0 - dones) * torch.minimum(q1_next, q2_next)
+        # TD3: min(Q1', Q2')(s', pi'(s')); SAC: the soft value at the policy's mean action (the
+        # client's own noise for a' is unknown to the server)
+        rewards = target - inp.loss.gamma * (1.0 - dones) * inp.loss.next_value(inp.model, inp.params, inp.target_params, next_states)
     return closed_form_reconstruction(inp, Batch(states, actions, rewards, next_states, dones), name)
 
 

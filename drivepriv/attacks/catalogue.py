@@ -29,7 +29,7 @@ class AnalyticAttack(Attack):
     """
 
     name = "analytic"
-    continuous_algorithms = ("td3",)
+    continuous_algorithms = ("td3", "sac")
     summary = "closed form: first-layer input from weight/bias gradients, action and TD target from the last layer"
 
     def run(self, inp: AttackInput, seed: int) -> Reconstruction:
@@ -240,7 +240,7 @@ class RGIAKAttack(RGIAAttack):
     subspace."""
 
     name = "rgia-k"
-    continuous_algorithms = ("td3",)
+    continuous_algorithms = ("td3", "sac")
     summary = "drivepriv: the batch recovered exactly from the update's rank-one structure (search, certify, peel, complete), closed-form rest, RGIA refinement only where nothing is certified"
 
     def weights(self, inp: AttackInput) -> dict[str, float]:

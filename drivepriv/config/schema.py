@@ -90,9 +90,11 @@ class AgentConfig:
     minibatch comes from the round's own rollout (discrete or continuous actions).
     ``td3``: deterministic actor and twin critics with target networks, replay buffer, Gaussian
     exploration noise (continuous actions).
+    ``sac``: squashed Gaussian actor and twin critics with target critics, replay buffer, fixed
+    entropy temperature ``entropy_alpha`` (continuous actions).
     """
 
-    algorithm: Literal["dqn", "ppo", "td3"] = "dqn"
+    algorithm: Literal["dqn", "ppo", "td3", "sac"] = "dqn"
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
     buffer_size: int = 5000
     epsilon_start: float = 1.0
@@ -103,6 +105,8 @@ class AgentConfig:
     ent_coef: float = 0.0
     #: TD3: standard deviation of the Gaussian exploration noise (actions in [-1, 1]).
     exploration_noise: float = 0.2
+    #: SAC: the entropy temperature alpha (fixed; the server prescribes it).
+    entropy_alpha: float = 0.2
 
     def validate(self, where: str) -> None:
         if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
@@ -113,7 +117,7 @@ class AgentConfig:
             v = getattr(self, key)
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"{where}.{key}: expected a probability in [0, 1], got {v}")
-        for key in ("vf_coef", "ent_coef", "exploration_noise"):
+        for key in ("vf_coef", "ent_coef", "exploration_noise", "entropy_alpha"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{where}.{key}: expected a number >= 0, got {getattr(self, key)}")
 

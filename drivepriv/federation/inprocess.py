@@ -101,10 +101,11 @@ class Client:
             batch, idx = self.buffer.sample(fed.batch_size, rng, recent=recent)
             batches.append(batch.numpy())
             origins.append(self.buffer.origin[idx].copy())
+            spec = algorithm.client_loss(loss_spec, rng)
             if dp is None:
-                return loss_spec.gradient(model, at, target_params, batch)
+                return spec.gradient(model, at, target_params, batch)
             rates.append(fed.batch_size / (recent or self.buffer.size))
-            per_sample = [loss_spec.gradient(model, at, target_params, _row(batch, i)) for i in range(len(batch))]
+            per_sample = [spec.gradient(model, at, target_params, _row(batch, i)) for i in range(len(batch))]
             return dp.privatize(per_sample, torch_generator(self.cfg.seed, "dpsgd", self.cid, rnd, step))
 
         payload = strategy(fed.strategy).local_payload(params, fed.local_steps, fed.lr, local_gradient)

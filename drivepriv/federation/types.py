@@ -37,7 +37,7 @@ class ServerView:
     batch_size: int
     local_steps: int
     lr: float
-    loss: LossSpec  # the LossSpec the client trained with (DQNLossSpec, PPOLossSpec, TD3LossSpec)
+    loss: LossSpec  # the algorithm's LossSpec as the server prescribed it (DQNLossSpec, PPOLossSpec, TD3LossSpec, SACLossSpec)
 
     def gradient(self) -> tuple[torch.Tensor, ...]:
         """The shared gradient (FedSGD); under FedAvg -delta/lr: the sum of the K local gradients
