@@ -166,7 +166,11 @@ class TD3(LocalAlgorithm):
         # uniform random actions while the epsilon schedule says "explore" (warm-up)
         if rng.random() < epsilon_at(env_steps, a.epsilon_start, a.epsilon_end, a.epsilon_decay_steps) - a.epsilon_end:
             return rng.uniform(-1.0, 1.0, self.actions.n).astype(np.float32)
-        return td3_act(model, obs, rng, a.exploration_noise)
+        return self.explore(model, obs, rng)
+
+    def explore(self, model, obs, rng) -> np.ndarray:
+        """The policy's exploring action once the warm-up is over."""
+        return td3_act(model, obs, rng, self.cfg.agent.exploration_noise)
 
     def greedy(self, model, obs):
         with torch.no_grad():
@@ -174,12 +178,12 @@ class TD3(LocalAlgorithm):
 
 
 @ALGORITHMS.register("sac")
-class SAC(LocalAlgorithm):
+class SAC(TD3):
     """SAC (Haarnoja et al., 2018): squashed Gaussian actor, twin critics, target critics,
-    replay, fixed entropy temperature; shares the critics' soft TD gradient and the actor's."""
+    replay, fixed entropy temperature; shares the critics' soft TD gradient and the actor's.
+    Warms up as TD3 does (uniform actions), then samples its own policy."""
 
     name = "sac"
-    discrete_ok = False
 
     def build_model(self) -> nn.Module:
         return SACNet(self.obs_dim, self.actions.n, self.cfg.agent.hidden_sizes)
@@ -190,10 +194,7 @@ class SAC(LocalAlgorithm):
     def client_loss(self, spec: SACLossSpec, rng: np.random.Generator) -> SACLossSpec:
         return dataclasses.replace(spec, noise_seed=int(rng.integers(2**31 - 1)))
 
-    def act(self, model, obs, rng, env_steps):
-        a = self.cfg.agent
-        if rng.random() < epsilon_at(env_steps, a.epsilon_start, a.epsilon_end, a.epsilon_decay_steps) - a.epsilon_end:
-            return rng.uniform(-1.0, 1.0, self.actions.n).astype(np.float32)
+    def explore(self, model, obs, rng) -> np.ndarray:
         return sac_act(model, obs, rng)
 
     def greedy(self, model, obs):
