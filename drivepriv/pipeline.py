@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from drivepriv.agents.algorithms import ActionSpec, make_algorithm
 from drivepriv.attacks import ATTACKS, AttackInput, Priors, Reconstruction, make_attack
+from drivepriv.attacks.actor_critic import critics, reads_actions
 from drivepriv.attacks.chain import layer_ranks
 from drivepriv.config import RunConfig, dump_yaml
 from drivepriv.envs import backend_of, make_codec, make_env
@@ -203,10 +204,15 @@ def attack_input(model: torch.nn.Module, view: ServerView, priors: Priors, obs_s
 
 
 def update_rank(inp: AttackInput) -> float:
-    """How many distinct rank-one terms the update's first linear layer carries (NaN where the
-    network is not a chain of biased linear layers)."""
+    """How many distinct rank-one terms the update's first linear layer carries (an actor-critic:
+    its first critic's, which reads (s, a)); NaN where that network is not a chain of biased
+    linear layers."""
+    model, params, gradient = inp.model, inp.params, dict(zip(inp.params, inp.gradient))
+    if reads_actions(inp):
+        name = critics(model)[0]
+        model, params, gradient = getattr(model, name), *({k[len(name) + 1 :]: v for k, v in d.items() if k.startswith(name + ".")} for d in (params, gradient))
     try:
-        ranks = layer_ranks(inp.model, inp.params, dict(zip(inp.params, inp.gradient)), inp.n_transitions)
+        ranks = layer_ranks(model, params, gradient, inp.n_transitions)
     except (ValueError, KeyError):
         return float("nan")
     return float(next(iter(ranks.values())))
