@@ -43,7 +43,7 @@ from drivepriv.agents.dqn import DQNLossSpec
 from drivepriv.agents.ppo import PPOLossSpec
 from drivepriv.agents.sac import SACLossSpec, SACNet
 from drivepriv.agents.td3 import TD3LossSpec, TD3Net
-from drivepriv.attacks import AttackInput, make_attack
+from drivepriv.attacks import ATTACKS, AttackInput, make_attack
 from drivepriv.config import RunConfig, apply_overrides
 from drivepriv.envs import make_codec
 from drivepriv.envs import make_env as _make_env
@@ -279,6 +279,10 @@ def _invert(model, payload, what, scenario, algorithm, batch_size, local_steps, 
         raise ConfigError(f"algorithm '{algorithm}' is not supported; supported: {', '.join(SUPPORTED_ALGORITHMS)}")
     if batch_size < 1:
         raise ConfigError(f"batch_size: expected an integer >= 1, got {batch_size}")
+    chosen = make_attack(attack)  # an unknown name fails here with a did-you-mean
+    if not chosen.supports(algorithm, algorithm in ("td3", "sac")):
+        ok = [n for n in ATTACKS.names() if ATTACKS.get(n).supports(algorithm, True)]
+        raise ConfigError(f"attack '{attack}' reads discrete actions off the last layer; for algorithm='{algorithm}' use one of: {', '.join(ok)}")
     params = list(model.parameters())
     if len(payload) != len(params):
         raise ConfigError(f"{what}: expected {len(params)} tensors (one per model parameter), got {len(payload)}")

@@ -186,6 +186,8 @@ def test_td3_model_without_critics_is_refused_clearly():
     grads = [torch.zeros_like(p) for p in model.parameters()]
     with pytest.raises(ConfigError, match="q1 and q2"):
         invert_gradients(model, grads, scenario="racetrack", algorithm="td3", batch_size=2)
+    with pytest.raises(ConfigError, match="rgia-k"):  # iDLG reads discrete actions
+        invert_gradients(model, grads, scenario="racetrack", algorithm="td3", batch_size=2, attack="idlg")
 
 
 def test_sac_audit_of_a_users_own_actor_critic():
