@@ -59,8 +59,10 @@ def test_audit_errors_are_clear():
     model, _, grads, _, _ = outside_setup(1)
     with pytest.raises(ConfigError, match="expected 6 tensors"):
         invert_gradients(model, grads[:-1], batch_size=1)
-    with pytest.raises(ConfigError, match="algorithm 'sac' is not supported"):
-        invert_gradients(model, grads, algorithm="sac")
+    with pytest.raises(ConfigError, match="algorithm 'a2c' is not supported"):
+        invert_gradients(model, grads, algorithm="a2c")
+    with pytest.raises(ConfigError, match="needs submodules actor"):
+        invert_gradients(model, grads, algorithm="sac")  # a Q-network is not SAC's actor-critic
     with pytest.raises(ConfigError, match="must have 6 .the 5 action logits, then the value."):
         invert_gradients(model, grads, algorithm="ppo")  # a Q-network is not an actor-critic
     bad = nn.Sequential(nn.Linear(10, 5))
