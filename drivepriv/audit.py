@@ -279,8 +279,7 @@ def _invert(model, payload, what, scenario, algorithm, batch_size, local_steps, 
         raise ConfigError(f"algorithm '{algorithm}' is not supported; supported: {', '.join(SUPPORTED_ALGORITHMS)}")
     if batch_size < 1:
         raise ConfigError(f"batch_size: expected an integer >= 1, got {batch_size}")
-    chosen = make_attack(attack)  # an unknown name fails here with a did-you-mean
-    if not chosen.supports(algorithm, algorithm in ("td3", "sac")):
+    if not ATTACKS.get(attack).supports(algorithm, algorithm in ("td3", "sac")):  # an unknown name: did-you-mean
         ok = [n for n in ATTACKS.names() if ATTACKS.get(n).supports(algorithm, True)]
         raise ConfigError(f"attack '{attack}' reads discrete actions off the last layer; for algorithm='{algorithm}' use one of: {', '.join(ok)}")
     params = list(model.parameters())

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from drivepriv.agents.algorithms import ActionSpec, make_algorithm
 from drivepriv.attacks import ATTACKS, AttackInput, Priors, Reconstruction, make_attack
-from drivepriv.attacks.actor_critic import critics, reads_actions
+from drivepriv.attacks.actor_critic import critics, reads_actions, sub_dict
 from drivepriv.attacks.chain import layer_ranks
 from drivepriv.config import RunConfig, dump_yaml
 from drivepriv.envs import backend_of, make_codec, make_env
@@ -210,7 +210,7 @@ def update_rank(inp: AttackInput) -> float:
     model, params, gradient = inp.model, inp.params, dict(zip(inp.params, inp.gradient))
     if reads_actions(inp):
         name = critics(model)[0]
-        model, params, gradient = getattr(model, name), *({k[len(name) + 1 :]: v for k, v in d.items() if k.startswith(name + ".")} for d in (params, gradient))
+        model, params, gradient = getattr(model, name), sub_dict(params, name), sub_dict(gradient, name)
     try:
         ranks = layer_ranks(model, params, gradient, inp.n_transitions)
     except (ValueError, KeyError):

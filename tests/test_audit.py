@@ -70,19 +70,23 @@ def test_audit_errors_are_clear():
         invert_gradients(bad, list(bad.parameters()), batch_size=1)
 
 
-def test_readme_audit_example_runs_as_written(tmp_path):
-    """The first example of docs/audit.md (the README's former "Audit your own system"), as written."""
+def run_docs_example(heading: str, tmp_path):
+    """Run, as a user would, the first Python block of docs/audit.md after ``heading``."""
     import re
     import subprocess
     import sys
     from pathlib import Path
 
     page = (Path(__file__).resolve().parent.parent / "docs" / "audit.md").read_text()
-    section = page[page.index("# Audit your own system"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", page[page.index(heading):], re.S).group(1)
     script = tmp_path / "example.py"
     script.write_text(code)
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
+def test_readme_audit_example_runs_as_written(tmp_path):
+    """The first example of docs/audit.md (the README's former "Audit your own system"), as written."""
+    r = run_docs_example("# Audit your own system", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "transition" in r.stdout and "speed_mps" in r.stdout
 
@@ -166,17 +170,7 @@ def test_invert_update_refuses_non_finite_input():
 def test_td3_example_of_the_docs_runs_as_written(tmp_path):
     """docs/audit.md's TD3 example, as written: a user's own actor-critic and TD3 gradient
     (written there, not drivepriv's client code), every state and action recovered."""
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    page = (Path(__file__).resolve().parent.parent / "docs" / "audit.md").read_text()
-    section = page[page.index("## Continuous actions (TD3)"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    script = tmp_path / "example.py"
-    script.write_text(code)
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = run_docs_example("## Continuous actions (TD3)", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     line = next(x for x in r.stdout.splitlines() if x.startswith("largest state error:"))
     assert float(line.split()[3]) < 1e-4, line

@@ -26,7 +26,7 @@ from torch.func import functional_call
 from drivepriv.agents.common import Batch
 from drivepriv.attacks import exact
 from drivepriv.attacks.chain import Chain
-from drivepriv.attacks.base import AttackInput, Reconstruction, closed_form_reconstruction, linear_layers, lstsq, recover_inputs
+from drivepriv.attacks.base import AttackInput, Reconstruction, closed_form_reconstruction, linear_layers, output_gradients, recover_inputs
 
 #: The sub-networks of an actor-critic that read (s, a), in the order they are tried.
 CRITICS = ("q1", "q2")
@@ -42,7 +42,8 @@ def reads_actions(inp: AttackInput) -> bool:
     return inp.continuous and bool(critics(inp.model))
 
 
-def _part(d: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+def sub_dict(d: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries of a parameter (or gradient) dict under ``prefix.``, with the prefix removed."""
     return {k[len(prefix) + 1 :]: v for k, v in d.items() if k.startswith(prefix + ".")}
 
 
@@ -65,7 +66,7 @@ def analytic_inputs(inp: AttackInput, seed: int) -> np.ndarray:
     (``dL/dW_j / dL/db_j``; exact for a batch of one, see :func:`drivepriv.attacks.base.recover_inputs`)."""
     name = critics(inp.model)[0]
     first = linear_layers(getattr(inp.model, name))[0]
-    g = _part(dict(zip(inp.params, inp.gradient)), name)
+    g = sub_dict(dict(zip(inp.params, inp.gradient)), name)
     prior = inp.priors.prior_states
     if prior is not None and len(prior):  # the attacker's own states, with a neutral action
         prior = np.concatenate([np.asarray(prior, np.float32).reshape(len(prior), -1), np.zeros((len(prior), inp.n_actions), np.float32)], 1)
@@ -83,7 +84,7 @@ def exact_inputs(inp: AttackInput, seed: int, restarts: int, starts: np.ndarray 
     n, B = inp.n_transitions, inp.batch_size
     g = dict(zip(inp.params, inp.gradient))
     names = critics(inp.model)
-    chains = {c: Chain(getattr(inp.model, c), _part(inp.params, c), _part(g, c)) for c in names}
+    chains = {c: Chain(getattr(inp.model, c), sub_dict(inp.params, c), sub_dict(g, c)) for c in names}
     xs = torch.zeros(0, chains[names[0]].in_dim, dtype=torch.float64)
     ys = torch.zeros(0, dtype=torch.float64)
     stats: dict[str, float] = {}
@@ -102,7 +103,7 @@ def exact_inputs(inp: AttackInput, seed: int, restarts: int, starts: np.ndarray 
             if len(xs):
                 gw, gb = gw - contrib[k][0], gb - contrib[k][1]
             grads[f"{name}.weight"], grads[f"{name}.bias"] = gw, gb
-        res = exact.recover_exact(getattr(inp.model, c), _part(inp.params, c), grads, n - len(xs), _box(inp), seed + step, starts=starts, restarts=restarts)
+        res = exact.recover_exact(getattr(inp.model, c), sub_dict(inp.params, c), grads, n - len(xs), _box(inp), seed + step, starts=starts, restarts=restarts)
         stats.setdefault("rank_first_layer", res.stats.get("rank_first_layer", 0.0))
         new = torch.as_tensor(res.states, dtype=torch.float64).reshape(-1, chain.in_dim)
         if len(xs) and len(new):  # a point certified twice is one sample
@@ -139,10 +140,8 @@ def complete(inp: AttackInput, x: np.ndarray, name: str) -> Reconstruction:
         q1 = functional_call(inp.model, inp.params, (states, actions))[1]
     handle.remove()
     h = feats["h"].double()
-    g = _part(dict(zip(inp.params, inp.gradient)), critic)
-    design = torch.cat([h, torch.ones(n, 1, dtype=h.dtype)], dim=1)
-    rhs = torch.cat([g[f"{last}.weight"].double(), g[f"{last}.bias"].double()[:, None]], dim=1)
-    coef = lstsq(design.T, rhs.T)[:, 0]  # dL/dQ1_i = 2 (Q1_i - y_i) / B
+    g = sub_dict(dict(zip(inp.params, inp.gradient)), critic)
+    coef = output_gradients(h, g[f"{last}.weight"].double(), g[f"{last}.bias"].double())[:, 0]  # dL/dQ1_i = 2 (Q1_i - y_i) / B
     target = (q1.double() - coef * inp.batch_size / 2.0).float()
     dones = torch.zeros(n)
     dyn = inp.priors.physics or inp.priors.dynamics
@@ -172,4 +171,4 @@ def fill(found: np.ndarray, candidates: np.ndarray, n: int) -> np.ndarray:
     return np.stack(rows[:n])
 
 
-__all__ = ["CRITICS", "analytic_inputs", "complete", "critics", "exact_inputs", "fill", "reads_actions", "split"]
+__all__ = ["CRITICS", "analytic_inputs", "complete", "critics", "exact_inputs", "fill", "reads_actions", "split", "sub_dict"]

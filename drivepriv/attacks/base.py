@@ -208,3 +208,11 @@ def closed_form_reconstruction(inp: AttackInput, batch: Batch, name: str) -> Rec
         grad_distance=dist,
         continuous=inp.continuous,
     )
+
+
+def output_gradients(h: Tensor, g_weight: Tensor, g_bias: Tensor) -> Tensor:
+    """Per-sample gradients of a last linear layer's outputs (B, O), by least squares: the layer's
+    weight and bias gradients are ``sum_i g_i [h_i, 1]`` over the samples' inputs h (B, H)."""
+    design = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], dim=1)  # (B, H+1)
+    rhs = torch.cat([g_weight, g_bias[:, None]], dim=1)  # (O, H+1)
+    return lstsq(design.T, rhs.T)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from drivepriv.attacks.base import ATTACKS, Attack, AttackInput, Reconstruction, closed_form_reconstruction, linear_layers, lstsq, recover_inputs
+from drivepriv.attacks.base import ATTACKS, Attack, AttackInput, Reconstruction, closed_form_reconstruction, linear_layers, output_gradients, recover_inputs
 from drivepriv.attacks.engine import EngineSettings, run_engine
 from drivepriv.agents.common import Batch
 from drivepriv.agents.ppo import PPOLossSpec
@@ -75,9 +75,7 @@ def complete_from_states(inp: AttackInput, states: np.ndarray, name: str) -> Rec
     handle.remove()
     h = feats["h"].double()  # (B, H)
     gwl, gbl = g[f"{last}.weight"].double(), g[f"{last}.bias"].double()  # (O, H), (O,)
-    design = torch.cat([h, torch.ones(B, 1, dtype=h.dtype)], dim=1)  # (B, H+1)
-    rhs = torch.cat([gwl, gbl[:, None]], dim=1)  # (O, H+1)
-    coef = lstsq(design.T, rhs.T)  # (B, O): dL/d output_ik
+    coef = output_gradients(h, gwl, gbl)  # (B, O): dL/d output_ik
     dyn = inp.priors.physics or inp.priors.dynamics
     dones = torch.zeros(B)
     ppo = _is_ppo(inp)
