@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from gymnasium import spaces
 from torch import nn
 
+from drivepriv.agents.common import Batch, ReplayBuffer
 from drivepriv.agents.dqn import DQNLossSpec, QNetwork, epsilon_at
-from drivepriv.agents.ppo import ActorCritic, PPOLossSpec, ppo_act
+from drivepriv.agents.ppo import ActorCritic, PPOLossSpec, gae_next_advantages, ppo_act
 from drivepriv.agents.sac import SACLossSpec, SACNet, sac_act
 from drivepriv.agents.td3 import TD3LossSpec, TD3Net, td3_act
 from drivepriv.config import RunConfig
@@ -78,6 +80,17 @@ class LocalAlgorithm:
         """The action to store (raw) for observation ``obs``."""
         raise NotImplementedError
 
+    def minibatches(self, buffer: ReplayBuffer, rollout_steps: int, model: nn.Module, params: dict[str, torch.Tensor], local_steps: int, rng: np.random.Generator) -> Callable[[int], tuple[Batch, np.ndarray]]:
+        """``draw(step)``: the minibatch of local step ``step`` and its buffer indices. Off-policy:
+        a fresh replay sample each step. ``rollout_steps``: the environment steps the client just
+        collected with the global policy (``model`` holding ``params``)."""
+        return lambda step: buffer.sample(self.cfg.federation.batch_size, rng)
+
+    def distinct_steps(self, local_steps: int) -> int:
+        """How many of the ``local_steps`` minibatches hold distinct transitions (the truth the
+        metrics keep: the first that many)."""
+        return local_steps
+
     def client_loss(self, spec, rng: np.random.Generator):
         """The loss a client trains one local step with: ``spec`` itself, or (SAC) ``spec``
         with the step's private noise drawn from the client's generator ``rng``; the server
@@ -124,18 +137,73 @@ class DQN(LocalAlgorithm):
 
 @ALGORITHMS.register("ppo")
 class PPO(LocalAlgorithm):
-    """PPO (Schulman et al., 2017) on-policy: samples from its own policy; each round shares
-    the gradient of PPO's loss on a minibatch of that round's rollout (see PPOLossSpec)."""
+    """PPO (Schulman et al., 2017) on-policy, as clients run it: each round, returns and
+    advantages by GAE(lambda) over the round's own rollout at the global parameters, then
+    ``agent.ppo_epochs`` passes over the rollout, each in a fresh random order, in minibatches of
+    ``federation.batch_size`` (see PPOLossSpec). FedSGD shares the gradient of the first
+    minibatch; FedAvg the delta after all passes (``local_steps / ppo_epochs`` minibatches each)."""
 
     name = "ppo"
     on_policy = True
+
+    def __init__(self, cfg: RunConfig, obs_dim: int, actions: ActionSpec) -> None:
+        super().__init__(cfg, obs_dim, actions)
+        fed, epochs = cfg.federation, cfg.agent.ppo_epochs
+        if epochs > 1 and fed.strategy != "fedavg":
+            raise ConfigError(f"agent.ppo_epochs: {epochs} passes over the rollout need a FedAvg update (FedSGD shares one gradient); use --set federation.strategy=fedavg or agent.ppo_epochs=1")
+        if fed.strategy == "fedavg" and fed.local_steps % epochs:
+            raise ConfigError(f"agent.ppo_epochs: {epochs} passes must divide federation.local_steps ({fed.local_steps}): each pass takes local_steps / ppo_epochs minibatches")
+        per_pass = self.distinct_steps(fed.local_steps if fed.strategy == "fedavg" else 1)
+        if per_pass * fed.batch_size > fed.env_steps_per_round:
+            raise ConfigError(
+                f"PPO: a pass over the rollout takes {per_pass} minibatches of {fed.batch_size}, more than the "
+                f"{fed.env_steps_per_round} steps a client collects per round; raise federation.env_steps_per_round "
+                f"to at least {per_pass * fed.batch_size} or lower local_steps / ppo_epochs"
+            )
 
     def build_model(self) -> nn.Module:
         return ActorCritic(self.obs_dim, self.actions.n, self.cfg.agent.hidden_sizes, continuous=self.actions.continuous)
 
     def loss_spec(self) -> PPOLossSpec:
         a = self.cfg.agent
-        return PPOLossSpec(gamma=self.cfg.federation.gamma, vf_coef=a.vf_coef, ent_coef=a.ent_coef, continuous=self.actions.continuous)
+        return PPOLossSpec(
+            gamma=self.cfg.federation.gamma, vf_coef=a.vf_coef, ent_coef=a.ent_coef, continuous=self.actions.continuous,
+            gae_lambda=a.gae_lambda, clip_range=a.clip_range, normalize_advantages=a.normalize_advantages, epochs=a.ppo_epochs,
+        )
+
+    def distinct_steps(self, local_steps: int) -> int:
+        return max(1, local_steps // self.cfg.agent.ppo_epochs)
+
+    def minibatches(self, buffer, rollout_steps, model, params, local_steps, rng):
+        """The round's rollout (oldest first) with each transition's A_next from GAE at the global
+        parameters; the update trains on M x B of its transitions (all of them where the rollout
+        is M x B long; M = local_steps / ppo_epochs), each pass in a fresh random order: local
+        step e * M + j takes the j-th minibatch of pass e."""
+        B, per_pass = self.cfg.federation.batch_size, self.distinct_steps(local_steps)
+        segment = buffer.recent(rollout_steps)
+        adv_next = self.gae(buffer, segment, model, params) if self.cfg.agent.gae_lambda > 0 else None
+        chosen = rng.permutation(len(segment))[: per_pass * B]
+        orders: dict[int, np.ndarray] = {0: chosen}
+
+        def draw(step: int) -> tuple[Batch, np.ndarray]:
+            epoch, j = divmod(step, per_pass)
+            if epoch not in orders:
+                orders[epoch] = chosen[rng.permutation(len(chosen))]
+            rows = orders[epoch][j * B : (j + 1) * B]
+            return buffer.take(segment[rows], None if adv_next is None else adv_next[rows]), segment[rows]
+
+        return draw
+
+    def gae(self, buffer: ReplayBuffer, segment: np.ndarray, model: nn.Module, params: dict[str, torch.Tensor]) -> np.ndarray:
+        """Each transition's A_next over the rollout ``segment`` (buffer indices, oldest first)."""
+        spec = self.loss_spec()
+        with torch.no_grad():
+            _, v = spec.heads(model, params, torch.as_tensor(buffer.states[segment]))
+            _, v_next = spec.heads(model, params, torch.as_tensor(buffer.next_states[segment]))
+        origin = buffer.origin[segment]
+        follows = np.zeros(len(segment), dtype=bool)
+        follows[:-1] = (origin[1:, 0] == origin[:-1, 0]) & (origin[1:, 1] == origin[:-1, 1] + 1)
+        return gae_next_advantages(v.double().numpy(), v_next.double().numpy(), buffer.rewards[segment].astype(np.float64), buffer.dones[segment], follows, spec.gamma, spec.gae_lambda)
 
     def act(self, model, obs, rng, env_steps):
         return ppo_act(model, obs, rng, self.actions.continuous)

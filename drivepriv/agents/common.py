@@ -22,6 +22,8 @@ class Batch:
 
     ``actions`` is a (B, A) matrix of action probabilities (one-hot for real data, soft for a
     reconstruction); ``dones`` is the termination flag in [0, 1] (not truncation).
+    ``adv_next`` (PPO with GAE only) is the advantage of the transition that follows each one in
+    the client's rollout: what PPO's return needs beyond the transition itself.
     """
 
     states: Tensor  # (B, V, F)
@@ -29,12 +31,13 @@ class Batch:
     rewards: Tensor  # (B,)
     next_states: Tensor  # (B, V, F)
     dones: Tensor  # (B,)
+    adv_next: Tensor | None = None  # (B,)
 
     def __len__(self) -> int:
         return self.states.shape[0]
 
     def detach(self) -> "Batch":
-        return Batch(*(t.detach().clone() for t in (self.states, self.actions, self.rewards, self.next_states, self.dones)))
+        return Batch(*(None if t is None else t.detach().clone() for t in (self.states, self.actions, self.rewards, self.next_states, self.dones, self.adv_next)))
 
     def numpy(self) -> dict[str, np.ndarray]:
         return {
@@ -101,21 +104,24 @@ class ReplayBuffer:
         self._next = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
-    def sample(self, batch_size: int, rng: np.random.Generator, recent: int | None = None) -> tuple[Batch, np.ndarray]:
-        """A minibatch (without replacement) and the buffer indices it came from; with
-        ``recent``, only from the last ``recent`` transitions added (on-policy algorithms)."""
-        if recent is None:
-            idx = rng.choice(self.size, size=batch_size, replace=False)
-        else:
-            recent = min(recent, self.size)
-            back = rng.choice(recent, size=batch_size, replace=False)
-            idx = (self._next - 1 - back) % self.capacity
+    def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[Batch, np.ndarray]:
+        """A minibatch (without replacement) and the buffer indices it came from."""
+        idx = rng.choice(self.size, size=batch_size, replace=False)
+        return self.take(idx), idx
+
+    def recent(self, n: int) -> np.ndarray:
+        """The buffer indices of the last ``n`` transitions added, oldest first."""
+        n = min(n, self.size)
+        return (self._next - n + np.arange(n)) % self.capacity
+
+    def take(self, idx: np.ndarray, adv_next: np.ndarray | None = None) -> Batch:
+        """The transitions at buffer indices ``idx`` as a minibatch (discrete actions one-hot)."""
         acts = torch.as_tensor(self.actions[idx])
-        batch = Batch(
+        return Batch(
             states=torch.as_tensor(self.states[idx]),
             actions=acts if self.continuous else nn.functional.one_hot(acts, self.n_actions).float(),
             rewards=torch.as_tensor(self.rewards[idx]),
             next_states=torch.as_tensor(self.next_states[idx]),
             dones=torch.as_tensor(self.dones[idx]),
+            adv_next=None if adv_next is None else torch.as_tensor(adv_next),
         )
-        return batch, idx

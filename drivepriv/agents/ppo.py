@@ -67,14 +67,27 @@ def gaussian_entropy(log_std: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class PPOLossSpec:
-    """PPO's loss at the first minibatch of an update, exactly: the mean over the batch of
+    """PPO's loss on one minibatch of a local update, exactly as a client runs it: the mean over
+    the minibatch of
 
-        -A_i * ratio_i + vf_coef * (V(s_i) - R_i)^2 - ent_coef * H(pi(.|s_i))
+        -min(ratio_i A_i, clip(ratio_i, 1 - clip_range, 1 + clip_range) A_i)
+          + vf_coef * (V(s_i) - R_i)^2 - ent_coef * H(pi(.|s_i))
 
-    with ratio_i = pi(a_i|s_i) / pi_old(a_i|s_i) = 1 in value (the data was collected with the
-    parameters being trained, so nothing is clipped and its gradient is that of log pi), the
-    one-step return R_i = r_i + gamma * (1 - done_i) * V_target(s'_i) and the advantage
-    A_i = R_i - V(s_i), both detached (GAE with lambda = 0, no advantage normalisation).
+    where ``params`` are the parameters being trained and ``target_params`` the round's
+    parameters theta_old, with which the client collected its rollout and computed, once, its
+    returns and advantages (both detached):
+
+    - ratio_i = pi(a_i|s_i) / pi_old(a_i|s_i) (1 in value on an update's first local step);
+    - the GAE return (Schulman et al., 2016, "High-dimensional continuous control using
+      generalized advantage estimation") R_i = r_i + gamma (1 - done_i) (V_old(s'_i) + lambda
+      A_next_i), where A_next_i is the advantage of the transition that follows i in the client's
+      rollout (``batch.adv_next``; 0 where the episode or the rollout ends, and for lambda = 0:
+      the one-step return);
+    - the advantage A_i = R_i - V_old(s_i), normalised over the minibatch (zero mean, unit
+      standard deviation) with ``normalize_advantages``.
+
+    One update runs ``epochs`` passes over the rollout in minibatches (see
+    :class:`~drivepriv.agents.algorithms.PPO`); the server prescribes all of these.
 
     ``continuous=False``: pi is the softmax of the logits and ``batch.actions`` (B, A) holds
     action probabilities (one-hot for real data). ``continuous=True``: pi is the diagonal
@@ -82,15 +95,21 @@ class PPOLossSpec:
     ``batch.actions`` (B, d) holds the sampled actions, raw (before the environment clips them
     to [-1, 1]), as PPO stores them.
 
-    Returns and advantages are unknowns of the attacker, tied to the reward and the next state
-    by this definition and to the scenario's reward and transition priors through them. GAE
-    with lambda > 0 sums over a trajectory the gradient does not show; it is not covered.
+    Returns and advantages are unknowns of the attacker, tied to the reward, the next state and
+    (lambda > 0) the next transition's advantage by this definition: consecutive transitions of
+    a rollout are linked through s'_i = s_{i+1} and A_next_i = A_{i+1}.
     """
 
     gamma: float
     vf_coef: float = 0.5
     ent_coef: float = 0.0
     continuous: bool = False
+    gae_lambda: float = 0.0
+    clip_range: float = 0.2
+    normalize_advantages: bool = False
+    #: Passes over the round's rollout in one FedAvg update (the minibatches per pass: the local
+    #: steps over ``epochs``).
+    epochs: int = 1
     name: str = "ppo"
 
     @property
@@ -104,10 +123,20 @@ class PPOLossSpec:
         return out[..., :-1], out[..., -1]
 
     def returns(self, model: nn.Module, target_params: dict[str, Tensor], batch: Batch) -> Tensor:
-        """One-step returns r + gamma (1 - done) V_target(s'), detached from the parameters."""
+        """GAE returns r + gamma (1 - done) (V_old(s') + lambda A_next), detached from the parameters
+        (one-step returns where ``batch.adv_next`` is None or lambda is 0)."""
         target = {k: v.detach() for k, v in target_params.items()}
         _, v_next = self.heads(model, target, batch.next_states)
+        if batch.adv_next is not None and self.gae_lambda > 0:
+            v_next = v_next + self.gae_lambda * batch.adv_next
         return batch.rewards + self.gamma * (1.0 - batch.dones) * v_next
+
+    def advantages(self, returns: Tensor, old_value: Tensor) -> Tensor:
+        """A = R - V_old(s), normalised over the minibatch with ``normalize_advantages``."""
+        adv = returns - old_value
+        if self.normalize_advantages and adv.shape[-1] > 1:
+            adv = (adv - adv.mean(-1, keepdim=True)) / (adv.std(-1, keepdim=True) + 1e-8)
+        return adv
 
     def log_prob_and_entropy(self, params: dict[str, Tensor], policy_out: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
         """(log pi(a_i|s_i) (B,), entropy H(pi(.|s_i)) (B,)) from the policy head's outputs."""
@@ -121,12 +150,16 @@ class PPOLossSpec:
 
     def __call__(self, model: nn.Module, params: dict[str, Tensor], target_params: dict[str, Tensor], batch: Batch) -> Tensor:
         policy_out, value = self.heads(model, params, batch.states)
+        old = {k: v.detach() for k, v in target_params.items()}
+        old_out, old_value = self.heads(model, old, batch.states)
         ret = self.returns(model, target_params, batch)
         # detached from theta (the attacker's unknowns r, s', done stay in the graph)
-        adv = ret - value.detach()
+        adv = self.advantages(ret, old_value)
         logp_a, entropy = self.log_prob_and_entropy(params, policy_out, batch.actions)
-        ratio = torch.exp(logp_a - logp_a.detach())  # 1 in value, d ratio = d log pi
-        policy = -(adv * ratio).mean()
+        old_logp_a, _ = self.log_prob_and_entropy(old, old_out, batch.actions)
+        ratio = torch.exp(logp_a - old_logp_a.detach())
+        clipped = torch.clamp(ratio, 1.0 - self.clip_range, 1.0 + self.clip_range)
+        policy = -torch.minimum(ratio * adv, clipped * adv).mean()
         value_loss = ((value - ret) ** 2).mean()
         return policy + self.vf_coef * value_loss - self.ent_coef * entropy.mean()
 
@@ -135,6 +168,24 @@ class PPOLossSpec:
         params = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
         loss = self(model, params, target_params, batch)
         return torch.autograd.grad(loss, tuple(params.values()), create_graph=create_graph)
+
+
+def gae_next_advantages(values: np.ndarray, next_values: np.ndarray, rewards: np.ndarray, dones: np.ndarray, follows: np.ndarray, gamma: float, lam: float) -> np.ndarray:
+    """For a rollout segment in time order, each transition's A_next: the GAE advantage of the
+    transition after it (0 where ``follows[t]`` is False: the episode ended, or the segment).
+
+    ``values``, ``next_values``: V_old(s_t), V_old(s'_t); ``follows[t]``: transition t + 1
+    continues transition t's episode. The recursion (Schulman et al., 2016):
+    delta_t = r_t + gamma (1 - d_t) V(s'_t) - V(s_t), A_t = delta_t + gamma lambda (1 - d_t) A_{t+1}.
+    """
+    n = len(rewards)
+    adv = np.zeros(n + 1, dtype=np.float64)
+    nxt = np.zeros(n, dtype=np.float64)
+    for t in range(n - 1, -1, -1):
+        nxt[t] = adv[t + 1] if (follows[t] and not dones[t]) else 0.0
+        delta = rewards[t] + gamma * (1.0 - dones[t]) * next_values[t] - values[t]
+        adv[t] = delta + gamma * lam * (1.0 - dones[t]) * nxt[t]
+    return nxt.astype(np.float32)
 
 
 def ppo_act(model: nn.Module, obs: np.ndarray, rng: np.random.Generator, continuous: bool) -> int | np.ndarray:

@@ -103,6 +103,14 @@ class AgentConfig:
     #: PPO: weight of the value loss and of the entropy bonus.
     vf_coef: float = 0.5
     ent_coef: float = 0.0
+    #: PPO: GAE's lambda (0: one-step returns; 0.95 is the usual choice), the clipping range of
+    #: the probability ratio, whether advantages are normalised per minibatch, and the passes
+    #: over the round's rollout in one FedAvg update (its local steps are ``ppo_epochs`` passes
+    #: of ``local_steps / ppo_epochs`` minibatches).
+    gae_lambda: float = 0.0
+    clip_range: float = 0.2
+    normalize_advantages: bool = False
+    ppo_epochs: int = 1
     #: TD3: standard deviation of the Gaussian exploration noise (actions in [-1, 1]).
     exploration_noise: float = 0.2
     #: SAC: the entropy temperature alpha (fixed; the server prescribes it).
@@ -120,6 +128,12 @@ class AgentConfig:
         for key in ("vf_coef", "ent_coef", "exploration_noise", "entropy_alpha"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{where}.{key}: expected a number >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.gae_lambda <= 1.0:
+            raise ConfigError(f"{where}.gae_lambda: expected GAE's lambda in [0, 1] (0: one-step returns), got {self.gae_lambda}")
+        if self.clip_range <= 0:
+            raise ConfigError(f"{where}.clip_range: expected a positive clipping range (PPO's usual: 0.2), got {self.clip_range}")
+        if self.ppo_epochs < 1:
+            raise ConfigError(f"{where}.ppo_epochs: expected an integer >= 1, got {self.ppo_epochs}")
 
 
 @dataclass(frozen=True)

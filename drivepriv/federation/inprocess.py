@@ -94,21 +94,26 @@ class Client:
         batches: list[dict[str, np.ndarray]] = []
         origins: list[np.ndarray] = []
         rates: list[float] = []
-        # on-policy: the minibatch is drawn from the round's own rollout
-        recent = steps if algorithm.on_policy else None
+        shared = strategy(fed.strategy)
+        local_steps = shared.unrolled_steps(fed.local_steps)
+        # off-policy: a replay sample per step; on-policy: minibatches of the round's own rollout
+        draw = algorithm.minibatches(self.buffer, steps, model, params, local_steps, rng)
+        pool = steps if algorithm.on_policy else self.buffer.size
+        distinct = algorithm.distinct_steps(local_steps)  # PPO's later passes repeat the first's transitions
 
         def local_gradient(at: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, ...]:
-            batch, idx = self.buffer.sample(fed.batch_size, rng, recent=recent)
-            batches.append(batch.numpy())
-            origins.append(self.buffer.origin[idx].copy())
+            batch, idx = draw(step)
+            if step < distinct:
+                batches.append(batch.numpy())
+                origins.append(self.buffer.origin[idx].copy())
             spec = algorithm.client_loss(loss_spec, rng)
             if dp is None:
                 return spec.gradient(model, at, target_params, batch)
-            rates.append(fed.batch_size / (recent or self.buffer.size))
+            rates.append(fed.batch_size / min(pool, self.buffer.size))
             per_sample = [spec.gradient(model, at, target_params, _row(batch, i)) for i in range(len(batch))]
             return dp.privatize(per_sample, torch_generator(self.cfg.seed, "dpsgd", self.cid, rnd, step))
 
-        payload = strategy(fed.strategy).local_payload(params, fed.local_steps, fed.lr, local_gradient)
+        payload = shared.local_payload(params, fed.local_steps, fed.lr, local_gradient)
         payload = stack.apply(payload, torch_generator(self.cfg.seed, "defense", self.cid, rnd))
         last = self.finished_returns[-5:]
         row = {
@@ -213,7 +218,7 @@ class ClientGroup:
 
 
 def _row(batch: Batch, i: int) -> Batch:
-    return Batch(*(t[i : i + 1] for t in (batch.states, batch.actions, batch.rewards, batch.next_states, batch.dones)))
+    return Batch(*(None if t is None else t[i : i + 1] for t in (batch.states, batch.actions, batch.rewards, batch.next_states, batch.dones, batch.adv_next)))
 
 
 class Server:

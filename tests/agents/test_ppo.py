@@ -3,6 +3,7 @@
 import copy
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -117,7 +118,7 @@ def test_audit_inverts_a_ppo_gradient():
 
 from torch.func import grad, vmap  # noqa: E402
 
-from drivepriv.agents.ppo import ActorCritic, ppo_act  # noqa: E402
+from drivepriv.agents.ppo import ActorCritic, gae_next_advantages, ppo_act  # noqa: E402
 
 
 def continuous_case(batch_size: int = 5, d: int = 2, seed: int = 0):
@@ -134,35 +135,75 @@ def continuous_case(batch_size: int = 5, d: int = 2, seed: int = 0):
     return model, Batch(s, a, r, s2, done)
 
 
-def continuous_ppo_gradient_by_hand(model: ActorCritic, b: Batch, target: ActorCritic) -> tuple[torch.Tensor, ...]:
-    """The continuous PPO gradient with plain tensors and torch.distributions as the reference."""
+def continuous_ppo_gradient_by_hand(model: ActorCritic, b: Batch, old: ActorCritic, lam: float = 0.0, clip: float = 0.2, normalize: bool = False) -> tuple[torch.Tensor, ...]:
+    """PPO's clipped-surrogate gradient with plain tensors and torch.distributions as the
+    reference: returns and advantages from the old parameters, the GAE tail lam * A_next."""
     model.zero_grad()
     out = model(b.states)
     mu, v = out[:, :-1], out[:, -1]
     with torch.no_grad():
-        ret = b.rewards + GAMMA * (1 - b.dones) * target(b.next_states)[:, -1]
-    adv = ret - v.detach()
+        old_out = old(b.states)
+        tail = 0.0 if b.adv_next is None else lam * b.adv_next
+        ret = b.rewards + GAMMA * (1 - b.dones) * (old(b.next_states)[:, -1] + tail)
+        adv = ret - old_out[:, -1]
+        if normalize:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        old_logp = torch.distributions.Normal(old_out[:, :-1], old.log_std.exp()).log_prob(b.actions).sum(-1)
     dist = torch.distributions.Normal(mu, model.log_std.exp())
-    loss = (-adv * dist.log_prob(b.actions).sum(-1)).mean() + VF * ((v - ret) ** 2).mean() - ENT * dist.entropy().sum(-1).mean()
+    ratio = torch.exp(dist.log_prob(b.actions).sum(-1) - old_logp)
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    loss = -surrogate.mean() + VF * ((v - ret) ** 2).mean() - ENT * dist.entropy().sum(-1).mean()
     loss.backward()
     return tuple(p.grad.detach().clone() for p in model.parameters())
 
 
-def test_continuous_ppo_loss_spec_matches_the_hand_written_gradient():
-    model, b = continuous_case()
-    target = copy.deepcopy(model)
+@pytest.mark.parametrize("lam, normalize", [(0.0, False), (0.95, True)])
+def test_continuous_ppo_loss_spec_matches_the_hand_written_gradient(lam, normalize):
+    model, b = continuous_case(batch_size=8)
+    b.adv_next = torch.randn(8, generator=torch.Generator().manual_seed(5))
+    old = copy.deepcopy(model)
     with torch.no_grad():
-        for p in target.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # a target that differs from the live parameters
-    expected = continuous_ppo_gradient_by_hand(model, b, target)
+        for p in old.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a later local step: the ratio is not 1, some are clipped
+    expected = continuous_ppo_gradient_by_hand(model, b, old, lam=lam, normalize=normalize)
     params = {k: v.detach() for k, v in model.named_parameters()}
-    target_params = {k: v.detach() for k, v in target.named_parameters()}
-    spec = PPOLossSpec(gamma=GAMMA, vf_coef=VF, ent_coef=ENT, continuous=True)
-    ours = spec.gradient(model, params, target_params, b)
+    old_params = {k: v.detach() for k, v in old.named_parameters()}
+    spec = PPOLossSpec(gamma=GAMMA, vf_coef=VF, ent_coef=ENT, continuous=True, gae_lambda=lam, normalize_advantages=normalize)
+    with torch.no_grad():
+        ratio = torch.exp(spec.log_prob_and_entropy(params, model(b.states)[:, :-1], b.actions)[0] - spec.log_prob_and_entropy(old_params, old(b.states)[:, :-1], b.actions)[0])
+    assert ((ratio - 1).abs() > 0.2).any() and ((ratio - 1).abs() < 0.2).any()  # both branches of the clip
+    ours = spec.gradient(model, params, old_params, b)
     assert [k for k in params] == [k for k, _ in model.named_parameters()]
     for name, x, y in zip(params, ours, expected):
-        assert torch.allclose(x, y, atol=1e-6), name
+        assert torch.allclose(x, y, atol=1e-5), name
     assert ours[list(params).index("log_std")].abs().sum() > 0
+
+
+def test_gae_tails_match_the_sum_of_discounted_td_errors():
+    """A_next from the recursion equals the next transition's advantage written as the sum
+    sum_l (gamma lambda)^l delta_{t+1+l} within its episode, cut at a termination."""
+    rng = np.random.default_rng(0)
+    n, gamma, lam = 12, 0.9, 0.8
+    v, v2, r = rng.normal(size=n), rng.normal(size=n), rng.normal(size=n)
+    d = np.zeros(n)
+    d[4] = 1.0  # terminated: transition 5 starts a new episode
+    follows = np.ones(n, dtype=bool)
+    follows[[4, 8, n - 1]] = False  # 8: truncated (a new episode starts at 9); n - 1: the segment ends
+    got = gae_next_advantages(v, v2, r, d, follows, gamma, lam)
+    delta = r + gamma * (1 - d) * v2 - v
+
+    def advantage(t):
+        total, scale = 0.0, 1.0
+        while True:
+            total += scale * delta[t]
+            if not follows[t] or d[t]:
+                return total
+            scale *= gamma * lam
+            t += 1
+
+    want = [advantage(t + 1) if follows[t] and not d[t] else 0.0 for t in range(n)]
+    assert np.allclose(got, want, atol=1e-6)
+    assert got[4] == 0.0 and got[8] == 0.0 and got[n - 1] == 0.0
 
 
 def test_actor_critic_layout():

@@ -2,39 +2,96 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import drivepriv.agents.common as common
 from drivepriv.config import apply_overrides
+from drivepriv.errors import ConfigError
 from drivepriv.federation.inprocess import resolve_attacked
 from drivepriv.federation.run import run_federation
 from drivepriv.scenarios import load_scenario
 
+SMALL = {
+    "workers": 1,  # the clients in this process, where the spies see them
+    "federation.clients": 3,
+    "federation.rounds": 3,
+    "federation.warmup_steps": 60,  # random CartPole episodes end well before: every client has finished some
+    "federation.env_steps_per_round": 8,
+    "federation.batch_size": 4,
+    "attack.rounds": [-1],
+}
 
-@pytest.mark.parametrize("algorithm, on_policy", [("dqn", False), ("ppo", True)])
-def test_replay_clients_sample_the_whole_buffer_and_on_policy_clients_their_rollout(monkeypatch, algorithm, on_policy):
-    seen = []
-    original = common.ReplayBuffer.sample
 
-    def spy(self, batch_size, rng, recent=None):
-        seen.append(recent)
-        return original(self, batch_size, rng, recent=recent)
+def cartpole(**settings):
+    return apply_overrides(load_scenario("cartpole"), [(k.split("."), v) for k, v in {**SMALL, **settings}.items()])
 
-    monkeypatch.setattr(common.ReplayBuffer, "sample", spy)
-    settings = {
-        "workers": 1,  # the clients in this process, where the spy sees them
-        "agent.algorithm": algorithm,
-        "federation.clients": 3,
-        "federation.rounds": 3,
-        "federation.warmup_steps": 60,  # random CartPole episodes end well before: every client has finished some
-        "federation.env_steps_per_round": 8,
-        "federation.batch_size": 4,
-        "attack.rounds": [-1],
-    }
-    cfg = apply_overrides(load_scenario("cartpole"), [(k.split("."), v) for k, v in settings.items()])
-    run_federation(cfg, resolve_attacked(cfg), progress=False)
+
+def spy_on_minibatches(monkeypatch) -> list[tuple[str, int]]:
+    """Records, for each minibatch a client draws, how it was drawn and how far back in the
+    buffer its oldest transition lies (0: the last one added)."""
+    seen: list[tuple[str, int]] = []
+    sample, take = common.ReplayBuffer.sample, common.ReplayBuffer.take
+
+    def spy_sample(self, batch_size, rng):
+        seen.append(("replay", -1))
+        return sample(self, batch_size, rng)
+
+    def spy_take(self, idx, adv_next=None):
+        if not seen or seen[-1][0] != "replay":
+            seen.append(("rollout", int(((self._next - 1 - np.asarray(idx)) % self.capacity).max())))
+        return take(self, idx, adv_next)
+
+    monkeypatch.setattr(common.ReplayBuffer, "sample", spy_sample)
+    monkeypatch.setattr(common.ReplayBuffer, "take", spy_take)
+    return seen
+
+
+@pytest.mark.parametrize("algorithm", ["dqn", "ppo"])
+def test_replay_clients_sample_the_whole_buffer_and_on_policy_clients_their_rollout(monkeypatch, algorithm):
+    seen = spy_on_minibatches(monkeypatch)
+    run_federation(cartpole(**{"agent.algorithm": algorithm}), resolve_attacked(cartpole()), progress=False)
     assert len(seen) == 9
-    if on_policy:
-        assert seen == [68, 68, 68] + [8] * 6  # the round's own rollout (warm-up included in round 0)
+    if algorithm == "ppo":
+        kinds, backs = zip(*seen)
+        assert set(kinds) == {"rollout"}
+        assert max(backs[:3]) < 68 and max(backs[3:]) < 8  # the round's own rollout (warm-up included in round 0)
     else:
-        assert seen == [None] * 9
+        assert [k for k, _ in seen] == ["replay"] * 9
+
+
+def test_ppo_passes_over_the_rollout_in_minibatches(monkeypatch):
+    """2 passes x 2 minibatches of 4 over a rollout of 8: each pass covers the rollout once in its
+    own order; the truth holds the first pass's 8 distinct transitions."""
+    drawn: list[np.ndarray] = []
+    take = common.ReplayBuffer.take
+
+    def spy_take(self, idx, adv_next=None):
+        drawn.append(np.sort(np.asarray(idx)))
+        assert adv_next is not None and np.isfinite(adv_next).all()  # GAE's A_next travels with the minibatch
+        return take(self, idx, adv_next)
+
+    monkeypatch.setattr(common.ReplayBuffer, "take", spy_take)
+    settings = {"agent.algorithm": "ppo", "agent.gae_lambda": 0.95, "agent.ppo_epochs": 2, "federation.strategy": "fedavg", "federation.local_steps": 4}
+    cfg = cartpole(**settings)
+    result = run_federation(cfg, resolve_attacked(cfg), progress=False)
+    assert len(drawn) == 3 * 3 * 4
+    for c in range(9):  # every client in every round
+        steps = drawn[4 * c : 4 * c + 4]
+        first, second = np.concatenate(steps[:2]), np.concatenate(steps[2:])
+        assert len(np.unique(first)) == 8 and np.array_equal(np.sort(first), np.sort(second))
+    truth = next(iter(result.truths.values()))
+    assert len(truth) == 8 and truth.local_steps == 2
+    view = result.views[0]
+    assert view.local_steps == 4 and view.loss.epochs == 2 and view.loss.gae_lambda == 0.95
+
+
+def test_ppo_settings_that_cannot_run_are_clear_errors():
+    with pytest.raises(ConfigError, match="need a FedAvg update"):
+        run_federation(cartpole(**{"agent.algorithm": "ppo", "agent.ppo_epochs": 2}), set(), progress=False)
+    with pytest.raises(ConfigError, match="must divide federation.local_steps"):
+        run_federation(cartpole(**{"agent.algorithm": "ppo", "agent.ppo_epochs": 2, "federation.strategy": "fedavg", "federation.local_steps": 3}), set(), progress=False)
+    with pytest.raises(ConfigError, match="raise federation.env_steps_per_round to at least 12"):
+        run_federation(cartpole(**{"agent.algorithm": "ppo", "federation.strategy": "fedavg", "federation.local_steps": 3}), set(), progress=False)
+    with pytest.raises(ConfigError, match="gae_lambda"):
+        cartpole(**{"agent.gae_lambda": 1.5})
