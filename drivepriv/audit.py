@@ -76,6 +76,12 @@ class _FlatInput(nn.Module):
         super().__init__()
         self.inner = inner
         self.n_actions = n_actions
+        if isinstance(getattr(inner, "log_std", None), nn.Parameter):
+            self.log_std = inner.log_std  # PPO's Gaussian policy: the loss reads params["log_std"]
+
+    def from_inner(self, name: str) -> str:
+        """The user's name of this wrapper's parameter ``name``."""
+        return name[len("inner.") :] if name.startswith("inner.") else name
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.inner(obs.reshape(obs.shape[0], -1))
@@ -167,10 +173,11 @@ def _check_actor_critic(model: nn.Module, cfg: RunConfig, algorithm: str) -> int
     return d
 
 
-def _check_model(model: nn.Module, cfg: RunConfig, algorithm: str) -> int:
-    """The model's action count (TD3: action dimension), after checking it fits the scenario and the algorithm."""
+def _check_model(model: nn.Module, cfg: RunConfig, algorithm: str) -> tuple[int, bool]:
+    """The model's action count (continuous: action dimension) and whether the actions are
+    continuous, after checking the model fits the scenario and the algorithm."""
     if algorithm in ("td3", "sac"):
-        return _check_actor_critic(model, cfg, algorithm)
+        return _check_actor_critic(model, cfg, algorithm), True
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     first = next((m for m in model.modules() if not list(m.children())), None)
     if not linears or first is not linears[0] or linears[0].bias is None:
@@ -186,7 +193,18 @@ def _check_model(model: nn.Module, cfg: RunConfig, algorithm: str) -> int:
     space = env.action_space
     env.close()
     if not hasattr(space, "n"):
-        raise ConfigError(f"scenario '{cfg.name}' has continuous actions; the audit of a user's model supports discrete actions (DQN, PPO) only")
+        if algorithm != "ppo":
+            raise ConfigError(f"scenario '{cfg.name}' has continuous actions; algorithm='{algorithm}' needs discrete ones (use td3, sac or ppo)")
+        d = int(np.prod(space.shape))
+        log_std = getattr(model, "log_std", None)
+        if n_actions != d or not isinstance(log_std, nn.Parameter) or tuple(log_std.shape) != (d,):
+            raise ConfigError(
+                f"model: algorithm='ppo' on '{cfg.name}' ({d} continuous action dimensions) needs a last layer with {d + 1} "
+                f"outputs (the {d} Gaussian means, then the value) and a parameter log_std of shape ({d},) on the model "
+                f"(the state-independent log standard deviation); got {linears[-1].out_features} outputs"
+                + ("" if isinstance(log_std, nn.Parameter) else " and no log_std parameter")
+            )
+        return n_actions, True
     env_actions = int(space.n)
     if n_actions != env_actions:
         want = f"{env_actions + 1} (the {env_actions} action logits, then the value)" if algorithm == "ppo" else str(env_actions)
@@ -194,7 +212,7 @@ def _check_model(model: nn.Module, cfg: RunConfig, algorithm: str) -> int:
             f"model: the last layer has {linears[-1].out_features} outputs, but for algorithm='{algorithm}' on "
             f"'{cfg.name}' it must have {want}: {env_actions} actions"
         )
-    return n_actions
+    return n_actions, False
 
 
 def invert_gradients(
@@ -296,7 +314,7 @@ def _invert(model, payload, what, scenario, algorithm, batch_size, local_steps, 
     cfg = _scenario(scenario, settings)
     cfg = apply_overrides(cfg, [(["seed"], seed)], source="seed")
     codec = make_codec(cfg.env)
-    n_actions = _check_model(model, cfg, algorithm)
+    n_actions, continuous = _check_model(model, cfg, algorithm)
     payload = tuple(torch.as_tensor(g).detach().float() for g in payload)
     if algorithm in ("td3", "sac"):
         loss = TD3LossSpec(gamma=gamma, policy_coef=policy_coef) if algorithm == "td3" else SACLossSpec(gamma=gamma, alpha=alpha)
@@ -305,9 +323,14 @@ def _invert(model, payload, what, scenario, algorithm, batch_size, local_steps, 
         by_name = dict(zip((k for k, _ in model.named_parameters()), payload))
         payload = tuple(by_name[k] for k, _ in wrapped.named_parameters())  # in the order TD3's loss reads them
     else:
-        loss = DQNLossSpec(gamma=gamma) if algorithm == "dqn" else PPOLossSpec(gamma=gamma, vf_coef=vf_coef, ent_coef=ent_coef)
+        if continuous and not ATTACKS.get(attack).supports("ppo", True):
+            ok = [n for n in ATTACKS.names() if ATTACKS.get(n).supports("ppo", True)]
+            raise ConfigError(f"attack '{attack}' reads discrete actions off the last layer; for continuous PPO use one of: {', '.join(ok)}")
+        loss = DQNLossSpec(gamma=gamma) if algorithm == "dqn" else PPOLossSpec(gamma=gamma, vf_coef=vf_coef, ent_coef=ent_coef, continuous=continuous)
         wrapped = _FlatInput(copy.deepcopy(model), n_actions)
         target = _FlatInput(copy.deepcopy(target_model if target_model is not None else model), n_actions)
+        by_name = dict(zip((k for k, _ in model.named_parameters()), payload))
+        payload = tuple(by_name[wrapped.from_inner(k)] for k, _ in wrapped.named_parameters())  # log_std first
     priors, _, _ = build_priors(cfg, progress=False)
     fedavg = what == "update"
     steps = 1 if same_batch else local_steps

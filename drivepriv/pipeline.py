@@ -186,20 +186,27 @@ def build_priors(cfg: RunConfig, progress: bool, rollouts: Rollouts | None = Non
 
 
 def attack_input(model: torch.nn.Module, view: ServerView, priors: Priors, obs_shape: tuple[int, ...], n_actions: int) -> AttackInput:
-    """The attacker's input for one update: the server's view and public priors, nothing else."""
+    """The attacker's input for one update: the server's view and public priors, nothing else.
+
+    PPO's FedAvg update of E passes over the same M minibatches (E x M local steps) is modelled,
+    to first order in the step size, as M local steps at E times the rate: the attacks look for
+    the M x B distinct transitions, and -delta / (lr E) sums one gradient per minibatch."""
+    shared = strategy(view.strategy)
+    steps = shared.unrolled_steps(view.local_steps)
+    passes = getattr(view.loss, "epochs", 1) if steps > 1 else 1
     return AttackInput(
         model=copy.deepcopy(model),
         params=view.params,
         target_params=view.target_params,
-        gradient=view.gradient(),
+        gradient=view.gradient() if passes == 1 else tuple(g / passes for g in view.gradient()),
         loss=view.loss,
         batch_size=view.batch_size,
         obs_shape=obs_shape,
         n_actions=n_actions,
         priors=priors,
-        local_steps=strategy(view.strategy).unrolled_steps(view.local_steps),
-        local_lr=view.lr,
-        delta=strategy(view.strategy).delta(view.payload),
+        local_steps=steps // passes,
+        local_lr=view.lr * passes,
+        delta=shared.delta(view.payload),
     )
 
 

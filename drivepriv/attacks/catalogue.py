@@ -12,8 +12,7 @@ from torch.func import functional_call
 from drivepriv.attacks.base import ATTACKS, Attack, AttackInput, Reconstruction, closed_form_reconstruction, linear_layers, output_gradients, recover_inputs
 from drivepriv.attacks.engine import EngineSettings, run_engine
 from drivepriv.agents.common import Batch
-from drivepriv.agents.ppo import PPOLossSpec
-from drivepriv.attacks import actor_critic, exact, rowspace
+from drivepriv.attacks import actor_critic, exact, ppo, rowspace
 from drivepriv.seeding import derive_seed
 
 
@@ -29,7 +28,7 @@ class AnalyticAttack(Attack):
     """
 
     name = "analytic"
-    continuous_algorithms = ("td3", "sac")
+    continuous_algorithms = ("td3", "sac", "ppo")
     summary = "closed form: first-layer input from weight/bias gradients, action and TD target from the last layer"
 
     def run(self, inp: AttackInput, seed: int) -> Reconstruction:
@@ -53,10 +52,6 @@ def analytic_states(inp: AttackInput, seed: int) -> np.ndarray:
     return recover_inputs(gw, gb, inp.n_transitions, inp.priors.prior_states, seed).reshape(inp.n_transitions, *inp.obs_shape)
 
 
-def _is_ppo(inp: AttackInput) -> bool:
-    return isinstance(inp.loss, PPOLossSpec)
-
-
 def complete_from_states(inp: AttackInput, states: np.ndarray, name: str) -> Reconstruction:
     """Given the states (B, V, F), the rest in closed form: the per-sample gradients of the
     network's outputs from the last layer's gradient (least squares on the penultimate
@@ -76,22 +71,18 @@ def complete_from_states(inp: AttackInput, states: np.ndarray, name: str) -> Rec
     h = feats["h"].double()  # (B, H)
     gwl, gbl = g[f"{last}.weight"].double(), g[f"{last}.bias"].double()  # (O, H), (O,)
     coef = output_gradients(h, gwl, gbl)  # (B, O): dL/d output_ik
+    if ppo.is_ppo(inp):
+        return ppo.complete(inp, x, out, coef, name)
     dyn = inp.priors.physics or inp.priors.dynamics
     dones = torch.zeros(B)
-    ppo = _is_ppo(inp)
-    if ppo:
-        actions, target = _ppo_actions_and_returns(inp, out, coef)
-        saturated = torch.zeros(B, dtype=torch.bool)
-    else:
-        actions = coef.abs().argmax(-1)
-        td_raw = inp.batch_size * coef[torch.arange(B), actions]  # huber'(q - y) = clamp(q - y, -1, 1)
-        saturated = td_raw.abs() >= 1.0 - 1e-6  # |q - y| >= 1: the gradient gives only the sign
-        target = out[torch.arange(B), actions] - td_raw.clamp(-1.0, 1.0).float()
+    actions = coef.abs().argmax(-1)
+    td_raw = inp.batch_size * coef[torch.arange(B), actions]  # huber'(q - y) = clamp(q - y, -1, 1)
+    saturated = td_raw.abs() >= 1.0 - 1e-6  # |q - y| >= 1: the gradient gives only the sign
+    target = out[torch.arange(B), actions] - td_raw.clamp(-1.0, 1.0).float()
     probs = nn.functional.one_hot(actions, inp.n_actions).float()
     with torch.no_grad():
         next_states = dyn(x, probs) if dyn is not None else x.clone()
-        out_next = functional_call(inp.model, inp.target_params, (next_states,))
-        v_next = out_next[..., -1] if ppo else out_next.max(-1).values
+        v_next = functional_call(inp.model, inp.target_params, (next_states,)).max(-1).values
         rewards = target - inp.loss.gamma * (1.0 - dones) * v_next
         if inp.priors.reward is not None and bool(saturated.any()):
             # where the TD error saturates the Huber loss, the target is unknown: take the
@@ -100,30 +91,6 @@ def complete_from_states(inp: AttackInput, states: np.ndarray, name: str) -> Rec
             rewards = torch.where(saturated, prior_r, rewards)
     return closed_form_reconstruction(inp, Batch(x, probs, rewards, next_states, dones), name)
 
-
-def _ppo_actions_and_returns(inp: AttackInput, out: Tensor, coef: Tensor) -> tuple[Tensor, Tensor]:
-    """Actions and one-step returns from PPO's per-sample output gradients.
-
-    For sample i (see :class:`~drivepriv.agents.ppo.PPOLossSpec`), the logits' gradient is
-    ``-(A_i / B) (e_a - pi_i) - (ent_coef / B) dH/dz`` and the value's is
-    ``2 vf_coef (V_i - R_i) / B`` with ``A_i = R_i - V_i``. The entropy term is known once the
-    state is; the action is the a whose ``e_a - pi_i`` best explains the rest (its sign pattern
-    is unique: one component against all others); the return comes from the value's gradient.
-    """
-    A = inp.n_actions
-    logits = out[:, :A].double().detach().requires_grad_(True)
-    logp = torch.log_softmax(logits, -1)
-    ent = -(logp.exp() * logp).sum(-1).sum()
-    dh = torch.autograd.grad(ent, logits)[0]
-    pi = logp.exp().detach()
-    g = coef[:, :A] + (inp.loss.ent_coef / inp.batch_size) * dh  # = -(A_i/B)(e_a - pi_i)
-    u = torch.eye(A, dtype=pi.dtype)[None] - pi[:, None, :]  # (B, A candidates, A)
-    alpha = (u * g[:, None, :]).sum(-1) / (u * u).sum(-1)  # (B, A)
-    resid = ((g[:, None, :] - alpha[..., None] * u) ** 2).sum(-1)
-    actions = resid.argmin(-1)
-    value = out[:, A].double()
-    returns = value - coef[:, A] * inp.batch_size / (2.0 * inp.loss.vf_coef)
-    return actions, returns.float()
 
 class _EngineAttack(Attack):
     """An attack that is a configuration of the shared engine."""
@@ -173,7 +140,7 @@ class IDLGAttack(_EngineAttack):
         if inp.n_transitions == 1:
             last = linear_layers(inp.model)[-1]
             g_bias = dict(zip(inp.params, inp.gradient))[f"{last}.bias"]
-            if _is_ppo(inp):
+            if ppo.is_ppo(inp):
                 # logits' gradient -A (e_a - pi): the action's entry has the sign of no other
                 sign = torch.sign(g_bias[: inp.n_actions])
                 odd = torch.nonzero(sign != torch.sign(sign.sum())).flatten()
@@ -238,7 +205,7 @@ class RGIAKAttack(RGIAAttack):
     subspace."""
 
     name = "rgia-k"
-    continuous_algorithms = ("td3", "sac")
+    continuous_algorithms = ("td3", "sac", "ppo")
     summary = "drivepriv: the batch recovered exactly from the update's rank-one structure (search, certify, peel, complete), closed-form rest, RGIA refinement only where nothing is certified"
 
     def weights(self, inp: AttackInput) -> dict[str, float]:
@@ -263,7 +230,7 @@ class RGIAKAttack(RGIAAttack):
         t0 = time.perf_counter()
         if actor_critic.reads_actions(inp):
             return self._run_critics(inp, seed, t0)
-        n, (V, F) = inp.n_transitions, inp.obs_shape
+        n, D = inp.n_transitions, int(np.prod(inp.obs_shape))
         analytic = analytic_states(inp, seed).reshape(n, -1)
         starts = [analytic]
         prior = inp.priors.prior_states
@@ -280,7 +247,7 @@ class RGIAKAttack(RGIAAttack):
             derive_seed(seed, "attack", self.name, "exact"),
             starts=np.concatenate(starts),
             restarts=int(self.settings.get("search_restarts", 512)),
-            one_hot=not _is_ppo(inp),  # DQN: dL/dQ is non-zero at the action taken only
+            one_hot=not ppo.is_ppo(inp),  # DQN: dL/dQ is non-zero at the action taken only
         )
         k = len(res.states)
         explained = k > 0 and res.residual_norm < 1e-3
@@ -299,8 +266,10 @@ class RGIAKAttack(RGIAAttack):
             )
             new = [s for s in found.states if not k or np.min(np.linalg.norm(res.states - s, axis=1)) > 1e-4 * (1.0 + np.linalg.norm(s))]
             new += list(found.states)[: max(0, n - k - len(new))]  # short: repeat the search's own
-            states = np.concatenate([res.states.reshape(k, V * F), np.asarray(new[: n - k], dtype=np.float32).reshape(-1, V * F)])
-        start = complete_from_states(inp, states.reshape(n, V, F), self.name)
+            states = np.concatenate([res.states.reshape(k, D), np.asarray(new[: n - k], dtype=np.float32).reshape(-1, D)])
+            if not k:  # smooth activations (PPO's tanh): the row spaces certify the polished states
+                k = min(found.certified, n)
+        start = complete_from_states(inp, states.reshape(n, *inp.obs_shape), self.name)
         if k > 0:
             # Every transition accounted for by the update: the rest is closed form, and gradient
             # matching has nothing left to add. Where only some are certified, refining would

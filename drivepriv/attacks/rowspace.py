@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from drivepriv.attacks.base import AttackInput
+from drivepriv.attacks.chain import Chain
 from drivepriv.attacks.engine import first_layer_subspace
 
 
@@ -42,6 +43,24 @@ class RowSpaceResult:
     found: int
     #: Residual of each returned state (inf for prior states).
     residuals: np.ndarray
+    #: Smooth activations only: how many of the first ``found`` rows the row spaces certify
+    #: (residual at their float precision, :data:`CERTIFIED`) after :func:`polish`.
+    certified: int = 0
+
+
+#: The summed relative residual at which a polished point is a sample: the row spaces of a
+#: float32 gradient hold the samples' layer inputs to about 1e-6 (measured on PPO's tanh
+#: actor-critic, merge, B = 8, FedSGD: the samples at 1e-14 to 3e-12, points 6e-3 to 1e-2 from
+#: one at 3e-10 to 9e-10; under FedAvg with 16 local steps the polished points stop at 1e-7 to
+#: 1e-6, centimetres to metres from any sample).
+CERTIFIED = 1e-11
+#: How many candidates per transition are polished at a time, the best first, and how many
+#: times (fewer where n distinct samples are certified sooner).
+POLISHED = 4
+POLISH_ROUNDS = 4
+#: Smooth activations: Gauss-Newton starts drawn uniformly in the observation box (8 per
+#: transition where that is more).
+BOX_STARTS = 64
 
 
 def layer_row_spaces(inp: AttackInput) -> dict[str, Tensor]:
@@ -149,7 +168,45 @@ def recover_states(
         xs, _ = candidates()
         # score every point by the full condition, first layer included
         r = residual(xs, layers)
-    return _select(xs.detach().double(), r, n, prior, seed)
+    xs = xs.detach().double()
+    if not Chain(inp.model, inp.params, dict(zip(inp.params, inp.gradient))).piecewise_linear:
+        # smooth activations: Gauss-Newton converges onto the samples, to the float precision of
+        # the row spaces, from starts anywhere in the observation box (measured on merge, B = 8:
+        # 64 of 64 uniform starts, projected on the first layer's subspace, reach a sample, and
+        # all 8 samples are among them) and from the search's best candidates
+        low, high = (torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1)) for b in inp.priors.codec.box())
+        uniform = low + (high - low) * torch.rand(max(BOX_STARTS, 8 * n), d, generator=gen)
+        xb, rb = polish(inp, space.to_states(space.from_states(uniform)).double())
+        xs, r = torch.cat([xb, xs]), torch.cat([rb, r.double()])
+        done = torch.zeros(len(xs), dtype=torch.bool)
+        done[: len(xb)] = True
+        for _ in range(POLISH_ROUNDS):  # until n distinct samples are certified
+            best = _distinct(xs, torch.where(done, torch.full_like(r, float("inf")), r), int(POLISHED * n))
+            if not len(best):
+                break
+            xs[best], r[best] = polish(inp, xs[best])
+            done[best] = True
+            if len(_distinct(xs, torch.where(r <= CERTIFIED, r, torch.full_like(r, float("inf"))), n)) >= n:
+                break
+        # the polished points alone: an unpolished one within the threshold is millimetres off
+        result = _select(xs, torch.where(done, r, torch.full_like(r, float("inf"))), n, prior, seed)
+        result.certified = int((result.residuals[: result.found] <= CERTIFIED).sum())
+        return result
+    return _select(xs, r, n, prior, seed)
+
+
+def _distinct(xs: Tensor, r: Tensor, m: int) -> Tensor:
+    """The indices of up to m candidates, the lowest residual first, each 1e-3 (relative) away
+    from those before it (many starts converge to one point)."""
+    order = torch.argsort(torch.where(torch.isfinite(r), r, torch.full_like(r, float("inf"))), stable=True)
+    order = order[torch.isfinite(r[order])]
+    chosen: list[int] = []
+    for i in order.tolist():
+        if not chosen or torch.cdist(xs[i][None], xs[chosen]).min() > 1e-3 * (1.0 + xs[i].norm()):
+            chosen.append(i)
+            if len(chosen) == m:
+                break
+    return torch.as_tensor(chosen, dtype=torch.long)
 
 
 def _select(xs: Tensor, r: Tensor, n: int, prior: np.ndarray | None, seed: int) -> RowSpaceResult:
@@ -200,3 +257,46 @@ def _select(xs: Tensor, r: Tensor, n: int, prior: np.ndarray | None, seed: int) 
             states.append(np.zeros(xs.shape[1], dtype=np.float32))
         resid.append(float("inf"))
     return RowSpaceResult(np.stack(states), found, np.asarray(resid))
+
+
+def polish(inp: AttackInput, xs: Tensor, iterations: int = 20) -> tuple[Tensor, Tensor]:
+    """Gauss-Newton on the row-space conditions of every layer, in double precision:
+    candidates ``xs`` (m, d) near true samples converge to them quadratically. For networks with
+    smooth activations (PPO's tanh), where the exact module's piecewise-linear search does not
+    apply and the search above stops at about 1e-3 of the truth. Returns the points and their
+    residuals (the same summed relative distance as the search's)."""
+    spaces = layer_row_spaces(inp)
+    chain = Chain(inp.model, inp.params, dict(zip(inp.params, inp.gradient)))
+    act = next(m for m in inp.model.modules() if isinstance(m, (nn.Tanh, nn.Sigmoid, nn.ELU, nn.GELU, nn.LeakyReLU, nn.ReLU)))
+    names = [n for n in chain.names if n in spaces]
+    projectors = [torch.eye(spaces[n].shape[1], dtype=torch.float64) - spaces[n].T @ spaces[n] for n in names]
+    keep = [chain.names.index(n) for n in names]
+
+    def residual(x: Tensor) -> Tensor:
+        h, parts = x, []
+        for k, layer in enumerate(chain.layers[:-1]):
+            if k in keep:
+                a = torch.cat([h, h.new_ones(1)])
+                parts.append(projectors[keep.index(k)] @ a / a.norm())
+            h = act(layer.weight @ h + layer.bias)
+        return torch.cat(parts)
+
+    jac = torch.func.vmap(torch.func.jacrev(residual))
+    res = torch.func.vmap(residual)
+    x = xs.double().clone()
+    r = res(x)
+    scales = torch.tensor([1.0, 0.5, 0.25, 0.125, 0.0625], dtype=torch.float64)
+    for _ in range(iterations):
+        # Gauss-Newton step (minimum norm: the residual is flat along some directions), the
+        # longest of a few fractions of it that lowers the residual
+        step = torch.linalg.lstsq(jac(x), -r[..., None], driver="gelsd").solution[..., 0]
+        trial = x[:, None, :] + scales[None, :, None] * step[:, None, :]  # (m, T, d)
+        r_trial = res(trial.reshape(-1, x.shape[1])).reshape(len(x), len(scales), -1)
+        cost = (r_trial**2).sum(-1)
+        k = cost.argmin(1)
+        better = cost[torch.arange(len(x)), k] < (r**2).sum(-1)
+        if not bool(better.any()):
+            break
+        x = torch.where(better[:, None], trial[torch.arange(len(x)), k], x)
+        r = torch.where(better[:, None], r_trial[torch.arange(len(x)), k], r)
+    return x, (r**2).sum(-1)
