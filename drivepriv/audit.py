@@ -11,8 +11,10 @@ For users who run their own FRL system, without drivepriv's training loop::
 ``smooth_l1(Q(s)[a], r + gamma * (1 - done) * max_a' Q_target(s')[a'])``, target detached,
 where Q takes the flattened observation. ``algorithm="ppo"`` means PPO's loss at the first
 minibatch of an update with one-step returns (:class:`drivepriv.agents.ppo.PPOLossSpec`): the
-model is an actor-critic with A + 1 outputs, the A action logits then the value. The model may
-be any ``nn.Module`` whose first layer is ``nn.Linear`` (any widths and activations).
+model is an actor-critic with A + 1 outputs, the A action logits then the value; on continuous
+actions, d + 1 outputs (the d Gaussian means, then the value) and a parameter ``log_std`` (d,)
+on the model, the state-independent log standard deviation (``rec.actions``: the raw draws).
+The model may be any ``nn.Module`` whose first layer is ``nn.Linear`` (any widths and activations).
 
 ``algorithm="td3"`` (continuous actions) means exactly TD3's loss
 (:class:`drivepriv.agents.td3.TD3LossSpec`): ``mean((Q1(s, a) - y)^2) + mean((Q2(s, a) - y)^2)
@@ -238,7 +240,7 @@ def invert_gradients(
             receives the flattened observation).
         gradients: one tensor per model parameter, in ``model.parameters()`` order.
         scenario: a scenario name or YAML path: the environment the client drove.
-        algorithm: the loss the client used (``"dqn"`` or ``"ppo"``, see the module docstring).
+        algorithm: the loss the client used (``"dqn"``, ``"ppo"``, ``"td3"`` or ``"sac"``, see the module docstring).
         batch_size: number of transitions behind the gradient.
         target_model: the target network (defaults to a copy of ``model``).
         gamma: the discount the client used.

@@ -104,7 +104,8 @@ class Attack:
     name: str = ""
     summary: str = ""
     #: The continuous-action algorithms the attack handles ("*": all of them). iDLG reads discrete
-    #: actions off the last layer and handles none; analytic and rgia-k read TD3's and SAC's critics.
+    #: actions off the last layer and handles none; analytic and rgia-k read TD3's and SAC's
+    #: critics and PPO's Gaussian mean.
     continuous_algorithms: tuple[str, ...] = ("*",)
 
     @classmethod

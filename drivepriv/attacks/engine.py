@@ -227,7 +227,13 @@ def run_engine(inp: AttackInput, settings: EngineSettings, seed: int, name: str)
             return s
 
         for _ in range(max(1, settings.iterations // 20)):
-            opt.step(closure)
+            try:
+                opt.step(closure)
+            except IndexError:
+                # torch's strong-Wolfe search indexes an empty bracket once the objective is
+                # non-finite everywhere it tried (measured: DLG on a FedAvg update of PPO on
+                # Pendulum); the best iterate so far is kept
+                break
             if settings.box:
                 _project(v, low, high, project_states=space is None)
             with torch.no_grad():

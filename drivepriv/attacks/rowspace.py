@@ -186,7 +186,8 @@ def recover_states(
                 break
             xs[best], r[best] = polish(inp, xs[best])
             done[best] = True
-            if len(_distinct(xs, torch.where(r <= CERTIFIED, r, torch.full_like(r, float("inf"))), n)) >= n:
+            certified = len(_distinct(xs, torch.where(r <= CERTIFIED, r, torch.full_like(r, float("inf"))), n))
+            if certified >= n or certified == 0:  # all found, or the row spaces certify no point at all
                 break
         # the polished points alone: an unpolished one within the threshold is millimetres off
         result = _select(xs, torch.where(done, r, torch.full_like(r, float("inf"))), n, prior, seed)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import drivepriv.agents.common as common
 from drivepriv.config import apply_overrides
 from drivepriv.errors import ConfigError
 from drivepriv.federation.inprocess import resolve_attacked
 from drivepriv.federation.run import run_federation
+from drivepriv.pipeline import attack_input
 from drivepriv.scenarios import load_scenario
 
 SMALL = {
@@ -84,6 +86,11 @@ def test_ppo_passes_over_the_rollout_in_minibatches(monkeypatch):
     assert len(truth) == 8 and truth.local_steps == 2
     view = result.views[0]
     assert view.local_steps == 4 and view.loss.epochs == 2 and view.loss.gae_lambda == 0.95
+    # the attacks look for the 8 distinct transitions: 2 steps at twice the rate, to first order
+    inp = attack_input(result.model, view, None, (4,), 2)
+    assert inp.local_steps == 2 and inp.n_transitions == 8 and inp.local_lr == 2 * cfg.federation.lr
+    for g, d in zip(inp.gradient, view.payload):
+        assert torch.allclose(g, -d / (2 * cfg.federation.lr))
 
 
 def test_ppo_settings_that_cannot_run_are_clear_errors():
