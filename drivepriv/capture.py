@@ -116,7 +116,9 @@ def audit_capture(
     if losses - {DQNLossSpec, PPOLossSpec}:
         raise ConfigError(f"the capture's loss {', '.join(t.__name__ for t in losses)} is not one the audit supports (DQNLossSpec, PPOLossSpec)")
     algorithm = "ppo" if isinstance(views[0].loss, PPOLossSpec) else "dqn"
-    n_actions = _check_model(model, cfg, algorithm)
+    n_actions, continuous = _check_model(model, cfg, algorithm)
+    if continuous:
+        raise ConfigError(f"scenario '{cfg.name}' has continuous actions; the audit of a capture supports discrete actions (DQN, PPO): invert each captured update with drivepriv.audit.invert_gradients")
     shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}
     for v in views:
         got = {k: tuple(t.shape) for k, t in v.params.items()}
