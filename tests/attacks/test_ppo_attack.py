@@ -15,32 +15,15 @@ import torch
 
 from drivepriv.attacks import make_attack
 from drivepriv.attacks.ppo import link
-from drivepriv.config import apply_overrides
-from drivepriv.federation.inprocess import resolve_attacked
-from drivepriv.federation.run import run_federation
-from drivepriv.pipeline import attack_input, build_priors, score_any
-from drivepriv.scenarios import load_scenario
+from drivepriv.pipeline import score_any
+from tests.attacks.cases import federation_case
 
 
 def _case(name: str, **settings):
-    small = {
-        "agent.algorithm": "ppo",
-        "federation.clients": 1,
-        "federation.rounds": 3,
-        "federation.batch_size": 8,
-        "federation.warmup_steps": 60,
-        "federation.env_steps_per_round": 16,
-        "attack.rounds": [-1],
-        "attack.clients": [0],
-        "attack.dynamics.rollout_steps": 200,
-        **settings,
-    }
-    cfg = apply_overrides(load_scenario(name), [(k.split("."), v) for k, v in small.items()])
-    priors, _, _ = build_priors(cfg, progress=False)
-    fed = run_federation(cfg, resolve_attacked(cfg), progress=False)
-    view = fed.views[-1]
-    truth = fed.truths[(view.round, view.client)]
-    return attack_input(fed.model, view, priors, tuple(priors.codec.obs_shape), fed.model.n_actions), truth, priors
+    """PPO clients, 3 rounds of 16-step rollouts, B = 8 (``settings`` override)."""
+    settings = {"agent.algorithm": "ppo", "federation.env_steps_per_round": 16, **settings}
+    priors, truth, inp = federation_case(name, settings.pop("federation.batch_size", 8), rounds=3, **settings)
+    return inp, truth, priors
 
 
 def test_rgia_k_recovers_a_gae_ppo_batch_and_links_consecutive_transitions():

@@ -17,28 +17,9 @@ from drivepriv.attacks import make_attack
 from drivepriv.attacks.actor_critic import critics, reads_actions
 from drivepriv.config import apply_overrides
 from drivepriv.errors import ConfigError
-from drivepriv.federation.inprocess import resolve_attacked
-from drivepriv.federation.run import run_federation
-from drivepriv.pipeline import attack_input, build_priors, check_supported, score_any
+from drivepriv.pipeline import check_supported, score_any
 from drivepriv.scenarios import load_scenario
-
-
-def _case(name: str, batch_size: int, rounds: int = 1):
-    small = {
-        "federation.clients": 1,
-        "federation.rounds": rounds,
-        "federation.batch_size": batch_size,
-        "federation.warmup_steps": 60,
-        "attack.rounds": [-1],
-        "attack.dynamics.rollout_steps": 200,
-    }
-    cfg = apply_overrides(load_scenario(name), [(k.split("."), v) for k, v in small.items()])
-    priors, _, _ = build_priors(cfg, progress=False)
-    fed = run_federation(cfg, resolve_attacked(cfg), progress=False)
-    view = fed.views[-1]
-    truth = fed.truths[(view.round, view.client)]
-    inp = attack_input(fed.model, view, priors, tuple(priors.codec.obs_shape), fed.model.n_actions)
-    return priors, truth, inp
+from tests.attacks.cases import federation_case
 
 
 def _errors(truth, rec, codec) -> tuple[float, float, float]:
@@ -53,7 +34,7 @@ def _errors(truth, rec, codec) -> tuple[float, float, float]:
 
 
 def test_pendulum_batch_of_8_is_recovered_exactly_with_no_prior_states():
-    priors, truth, inp = _case("pendulum", 8)
+    priors, truth, inp = federation_case("pendulum", 8)
     assert reads_actions(inp) and critics(inp.model) == ["q1", "q2"]
     blind = replace(inp, priors=replace(priors, prior_states=None))  # the search reads no rollout
     rec = make_attack("rgia-k").run(blind, seed=0)
@@ -68,7 +49,7 @@ def test_pendulum_batch_of_8_is_recovered_exactly_with_no_prior_states():
 def test_a_trained_critic_pair_is_recovered_by_peeling_one_into_the_other():
     """After 30 rounds one critic alone certifies only part of the batch (its last hidden layer
     has lost rank); the other's certified samples, peeled off, leave it the rank room."""
-    priors, truth, inp = _case("pendulum", 8, rounds=30)
+    priors, truth, inp = federation_case("pendulum", 8, rounds=30)
     rec = make_attack("rgia-k").run(inp, seed=0)
     assert rec.extra["states_found"] == 8
     s_err, a_err, r_ok = _errors(truth, rec, priors.codec)
@@ -76,11 +57,11 @@ def test_a_trained_critic_pair_is_recovered_by_peeling_one_into_the_other():
 
 
 def test_racetrack_egos_within_a_metre_and_analytic_exact_for_one_transition():
-    priors, truth, inp = _case("racetrack", 8)
+    priors, truth, inp = federation_case("racetrack", 8)
     rec = make_attack("rgia-k").run(inp, seed=0)
     m, _ = score_any(truth, rec, priors.codec)
     assert m["ego_within_1m"] == 1.0 and m["action_abs_err"] < 1e-3, m
-    priors, truth, inp = _case("racetrack", 1)
+    priors, truth, inp = federation_case("racetrack", 1)
     rec = make_attack("analytic").run(inp, seed=0)
     s_err, a_err, _ = _errors(truth, rec, priors.codec)
     assert s_err < 1e-4 and a_err < 1e-4
