@@ -217,6 +217,14 @@ def _check_model(model: nn.Module, cfg: RunConfig, algorithm: str) -> tuple[int,
     return n_actions, False
 
 
+def _check_attack(attack: str, algorithm: str, continuous: bool) -> None:
+    """A clear error where ``attack`` does not handle ``algorithm``'s actions (an unknown name:
+    the registry's did-you-mean)."""
+    if not ATTACKS.get(attack).supports(algorithm, continuous):
+        ok = [n for n in ATTACKS.names() if ATTACKS.get(n).supports(algorithm, True)]
+        raise ConfigError(f"attack '{attack}' reads discrete actions off the last layer; for algorithm='{algorithm}' use one of: {', '.join(ok)}")
+
+
 def invert_gradients(
     model: nn.Module,
     gradients: Sequence[torch.Tensor],
@@ -299,9 +307,7 @@ def _invert(model, payload, what, scenario, algorithm, batch_size, local_steps, 
         raise ConfigError(f"algorithm '{algorithm}' is not supported; supported: {', '.join(SUPPORTED_ALGORITHMS)}")
     if batch_size < 1:
         raise ConfigError(f"batch_size: expected an integer >= 1, got {batch_size}")
-    if not ATTACKS.get(attack).supports(algorithm, algorithm in ("td3", "sac")):  # an unknown name: did-you-mean
-        ok = [n for n in ATTACKS.names() if ATTACKS.get(n).supports(algorithm, True)]
-        raise ConfigError(f"attack '{attack}' reads discrete actions off the last layer; for algorithm='{algorithm}' use one of: {', '.join(ok)}")
+    _check_attack(attack, algorithm, algorithm in ("td3", "sac"))  # continuous PPO: once the scenario is known
     params = list(model.parameters())
     if len(payload) != len(params):
         raise ConfigError(f"{what}: expected {len(params)} tensors (one per model parameter), got {len(payload)}")
@@ -325,9 +331,7 @@ def _invert(model, payload, what, scenario, algorithm, batch_size, local_steps, 
         by_name = dict(zip((k for k, _ in model.named_parameters()), payload))
         payload = tuple(by_name[k] for k, _ in wrapped.named_parameters())  # in the order TD3's loss reads them
     else:
-        if continuous and not ATTACKS.get(attack).supports("ppo", True):
-            ok = [n for n in ATTACKS.names() if ATTACKS.get(n).supports("ppo", True)]
-            raise ConfigError(f"attack '{attack}' reads discrete actions off the last layer; for continuous PPO use one of: {', '.join(ok)}")
+        _check_attack(attack, algorithm, continuous)
         loss = DQNLossSpec(gamma=gamma) if algorithm == "dqn" else PPOLossSpec(gamma=gamma, vf_coef=vf_coef, ent_coef=ent_coef, continuous=continuous)
         wrapped = _FlatInput(copy.deepcopy(model), n_actions)
         target = _FlatInput(copy.deepcopy(target_model if target_model is not None else model), n_actions)

@@ -52,15 +52,12 @@ def complete(inp: AttackInput, x: Tensor, out: Tensor, coef: Tensor, name: str) 
     adv = returns - old_value
     if inp.continuous:
         actions = continuous_actions(inp, out, coef, spec.advantages(adv, torch.zeros_like(adv)))
-        acts = actions
     else:
-        idx = discrete_actions(inp, out, coef)
-        actions = nn.functional.one_hot(idx, inp.n_actions).float()
-        acts = actions
+        actions = nn.functional.one_hot(discrete_actions(inp, out, coef), inp.n_actions).float()
     dones = torch.zeros(n)
     dyn = inp.priors.physics or inp.priors.dynamics
     with torch.no_grad():
-        predicted = dyn(x, acts) if dyn is not None else x.clone()
+        predicted = dyn(x, actions) if dyn is not None else x.clone()
     successor = link(predicted, x)
     linked = successor >= 0
     j = successor.clamp(min=0)
@@ -70,7 +67,7 @@ def complete(inp: AttackInput, x: Tensor, out: Tensor, coef: Tensor, name: str) 
         v_next = functional_call(inp.model, inp.target_params, (next_states,))[:, -1].double()
         rewards = (returns - spec.gamma * (1.0 - dones.double()) * (v_next + spec.gae_lambda * adv_next.double())).float()
         if spec.gae_lambda > 0 and inp.priors.reward is not None and not bool(linked.all()):
-            prior_r = inp.priors.reward(x, acts, next_states, dones).float()
+            prior_r = inp.priors.reward(x, actions, next_states, dones).float()
             rewards = torch.where(linked, rewards, prior_r)
     rec = closed_form_reconstruction(inp, Batch(x, actions, rewards, next_states, dones, adv_next), name)
     rec.extra["successors_linked"] = float(linked.sum())

@@ -24,6 +24,7 @@ Nothing here uses the truth: only the model, the update and the public prior sta
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -169,14 +170,16 @@ def recover_states(
         # score every point by the full condition, first layer included
         r = residual(xs, layers)
     xs = xs.detach().double()
-    if not Chain(inp.model, inp.params, dict(zip(inp.params, inp.gradient))).piecewise_linear:
+    chain = Chain(inp.model, inp.params, dict(zip(inp.params, inp.gradient)))
+    if not chain.piecewise_linear:
         # smooth activations: Gauss-Newton converges onto the samples, to the float precision of
         # the row spaces, from starts anywhere in the observation box (measured on merge, B = 8:
         # 64 of 64 uniform starts, projected on the first layer's subspace, reach a sample, and
         # all 8 samples are among them) and from the search's best candidates
         low, high = (torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1)) for b in inp.priors.codec.box())
         uniform = low + (high - low) * torch.rand(max(BOX_STARTS, 8 * n), d, generator=gen)
-        xb, rb = polish(inp, space.to_states(space.from_states(uniform)).double())
+        smooth = row_space_residual(inp, spaces, chain)
+        xb, rb = polish(smooth, space.to_states(space.from_states(uniform)).double())
         xs, r = torch.cat([xb, xs]), torch.cat([rb, r.double()])
         done = torch.zeros(len(xs), dtype=torch.bool)
         done[: len(xb)] = True
@@ -184,7 +187,7 @@ def recover_states(
             best = _distinct(xs, torch.where(done, torch.full_like(r, float("inf")), r), int(POLISHED * n))
             if not len(best):
                 break
-            xs[best], r[best] = polish(inp, xs[best])
+            xs[best], r[best] = polish(smooth, xs[best])
             done[best] = True
             certified = len(_distinct(xs, torch.where(r <= CERTIFIED, r, torch.full_like(r, float("inf"))), n))
             if certified >= n or certified == 0:  # all found, or the row spaces certify no point at all
@@ -260,28 +263,33 @@ def _select(xs: Tensor, r: Tensor, n: int, prior: np.ndarray | None, seed: int) 
     return RowSpaceResult(np.stack(states), found, np.asarray(resid))
 
 
-def polish(inp: AttackInput, xs: Tensor, iterations: int = 20) -> tuple[Tensor, Tensor]:
-    """Gauss-Newton on the row-space conditions of every layer, in double precision:
-    candidates ``xs`` (m, d) near true samples converge to them quadratically. For networks with
-    smooth activations (PPO's tanh), where the exact module's piecewise-linear search does not
-    apply and the search above stops at about 1e-3 of the truth. Returns the points and their
-    residuals (the same summed relative distance as the search's)."""
-    spaces = layer_row_spaces(inp)
-    chain = Chain(inp.model, inp.params, dict(zip(inp.params, inp.gradient)))
+def row_space_residual(inp: AttackInput, spaces: dict[str, Tensor], chain: Chain) -> Callable[[Tensor], Tensor]:
+    """The residual vector of one candidate x (d,), in double precision: at every layer with a
+    row space, the part of its layer input ``[a_l(x), 1]`` outside that space, relative to the
+    input's norm (its squared norm is the search's summed relative distance). A pure function of
+    x, for :func:`torch.func.jacrev`; the network's activation is its first one."""
     act = next(m for m in inp.model.modules() if isinstance(m, (nn.Tanh, nn.Sigmoid, nn.ELU, nn.GELU, nn.LeakyReLU, nn.ReLU)))
-    names = [n for n in chain.names if n in spaces]
-    projectors = [torch.eye(spaces[n].shape[1], dtype=torch.float64) - spaces[n].T @ spaces[n] for n in names]
-    keep = [chain.names.index(n) for n in names]
+    projectors = {k: torch.eye(spaces[n].shape[1], dtype=torch.float64) - spaces[n].T @ spaces[n] for k, n in enumerate(chain.names) if n in spaces}
 
     def residual(x: Tensor) -> Tensor:
         h, parts = x, []
         for k, layer in enumerate(chain.layers[:-1]):
-            if k in keep:
+            if k in projectors:
                 a = torch.cat([h, h.new_ones(1)])
-                parts.append(projectors[keep.index(k)] @ a / a.norm())
+                parts.append(projectors[k] @ a / a.norm())
             h = act(layer.weight @ h + layer.bias)
         return torch.cat(parts)
 
+    return residual
+
+
+def polish(residual: Callable[[Tensor], Tensor], xs: Tensor, iterations: int = 20) -> tuple[Tensor, Tensor]:
+    """Gauss-Newton on the row-space conditions of every layer (``residual``, see
+    :func:`row_space_residual`), in double precision: candidates ``xs`` (m, d) near true samples
+    converge to them quadratically. For networks with smooth activations (PPO's tanh), where the
+    exact module's piecewise-linear search does not apply and the search above stops at about
+    1e-3 of the truth. Returns the points and their residuals (the same summed relative distance
+    as the search's)."""
     jac = torch.func.vmap(torch.func.jacrev(residual))
     res = torch.func.vmap(residual)
     x = xs.double().clone()

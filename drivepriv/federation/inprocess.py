@@ -98,7 +98,7 @@ class Client:
         local_steps = shared.unrolled_steps(fed.local_steps)
         # off-policy: a replay sample per step; on-policy: minibatches of the round's own rollout
         draw = algorithm.minibatches(self.buffer, steps, model, params, local_steps, rng)
-        pool = steps if algorithm.on_policy else self.buffer.size
+        pool = min(steps, self.buffer.size) if algorithm.on_policy else self.buffer.size  # DP-SGD's sampling rate
         distinct = algorithm.distinct_steps(local_steps)  # PPO's later passes repeat the first's transitions
 
         def local_gradient(at: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, ...]:
@@ -109,7 +109,7 @@ class Client:
             spec = algorithm.client_loss(loss_spec, rng)
             if dp is None:
                 return spec.gradient(model, at, target_params, batch)
-            rates.append(fed.batch_size / min(pool, self.buffer.size))
+            rates.append(fed.batch_size / pool)
             per_sample = [spec.gradient(model, at, target_params, _row(batch, i)) for i in range(len(batch))]
             return dp.privatize(per_sample, torch_generator(self.cfg.seed, "dpsgd", self.cid, rnd, step))
 
