@@ -227,7 +227,8 @@ class TD3(LocalAlgorithm):
         return TD3Net(self.obs_dim, self.actions.n, self.cfg.agent.hidden_sizes)
 
     def loss_spec(self) -> TD3LossSpec:
-        return TD3LossSpec(gamma=self.cfg.federation.gamma)
+        """The loss of training step 0 (:func:`~drivepriv.agents.common.at_step` gives later steps')."""
+        return TD3LossSpec(gamma=self.cfg.federation.gamma, policy_delay=self.cfg.agent.policy_delay)
 
     def act(self, model, obs, rng, env_steps):
         a = self.cfg.agent

@@ -75,6 +75,14 @@ class LossSpec(Protocol):
         ...
 
 
+def at_step(spec: LossSpec, k: int) -> LossSpec:
+    """The loss of the training step ``k`` steps after ``spec``'s own. Only TD3's changes from step
+    to step (its delayed actor term, :meth:`~drivepriv.agents.td3.TD3LossSpec.at_step`); every
+    other algorithm's loss is the same at every step."""
+    step = getattr(spec, "at_step", None)
+    return spec if step is None else step(k)
+
+
 class ReplayBuffer:
     """A ring buffer of transitions, sampled with the client's own generator.
 

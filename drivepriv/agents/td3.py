@@ -6,14 +6,16 @@ box in agent units) and two critics Q1, Q2 on (s, a). One training step on a min
 
 - critics: minimise mean((Q1(s, a) - y)^2) + mean((Q2(s, a) - y)^2) with the clipped double-Q
   target y = r + gamma (1 - done) min(Q1_t, Q2_t)(s', pi_t(s')) from the target networks;
-- actor (every ``policy_delay`` steps): minimise -mean(Q1(s, pi(s))), the deterministic policy
-  gradient (Silver et al., 2014), through the critic but updating only the actor.
+- actor (every ``policy_delay``-th step): minimise -mean(Q1(s, pi(s))), the deterministic
+  policy gradient (Silver et al., 2014), through the critic but updating only the actor.
 
 Both are folded into one scalar loss whose gradient w.r.t. the actor's parameters is the
 actor's gradient and w.r.t. the critics' parameters is the critics' gradient (the actor term
 sees the critics detached, the TD term never involves the actor's live parameters). This is
-the update a client shares; a critic-only step (between delayed actor updates) is
-``policy_coef=0``.
+the update a client shares. A critic-only step (between delayed actor updates) has no actor
+term: the spec knows the training step it is taken at (``iteration``, counted over the run) and
+the delay, so the server, which knows both, has the exact loss of every step
+(:func:`drivepriv.agents.common.at_step`).
 
 Target policy smoothing (TD3's clipped Gaussian noise on pi_t(s')) is left out: that noise is
 the client's private randomness, which a server could not know, so a gradient taken with it
@@ -25,6 +27,7 @@ The client trains with :class:`TD3LossSpec` and the attacker differentiates the 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -64,12 +67,28 @@ class TD3LossSpec:
     parameters (r, s' and done stay in the graph: they are the attacker's unknowns), and the
     critics' parameters detached in the actor term. No target policy smoothing (see the module
     docstring).
+
+    Delayed policy updates: the loss is that of training step ``iteration`` (0-based, counted
+    over the run), whose actor term is on when ``(iteration + 1) % policy_delay == 0`` (the
+    paper's counter: with a delay of 2, steps 1, 3, 5, ...); otherwise the step is critic-only.
+    :meth:`at_step` gives a later step's loss.
     """
 
     gamma: float
     policy_coef: float = 1.0
+    policy_delay: int = 1
+    iteration: int = 0
     name: str = "td3"
     discrete: ClassVar[bool] = False
+
+    @property
+    def actor_coef(self) -> float:
+        """The actor term's weight in this step: ``policy_coef``, or 0 between delayed updates."""
+        return self.policy_coef if (self.iteration + 1) % self.policy_delay == 0 else 0.0
+
+    def at_step(self, k: int) -> "TD3LossSpec":
+        """The loss of the training step ``k`` steps after this one."""
+        return self if k == 0 else dataclasses.replace(self, iteration=self.iteration + k)
 
     def next_value(self, model: nn.Module, params: dict[str, Tensor], target_params: dict[str, Tensor], next_states: Tensor) -> Tensor:
         """min(Q1', Q2')(s', pi'(s')) (B,) from the target networks, detached from the parameters."""
@@ -94,7 +113,7 @@ class TD3LossSpec:
         return -q1_pi.mean()
 
     def __call__(self, model: nn.Module, params: dict[str, Tensor], target_params: dict[str, Tensor], batch: Batch) -> Tensor:
-        return self.critic_loss(model, params, target_params, batch) + self.policy_coef * self.actor_loss(model, params, batch)
+        return self.critic_loss(model, params, target_params, batch) + self.actor_coef * self.actor_loss(model, params, batch)
 
     def gradient(self, model: nn.Module, params: dict[str, Tensor], target_params: dict[str, Tensor], batch: Batch, create_graph: bool = False) -> tuple[Tensor, ...]:
         """Gradient of the loss w.r.t. ``params`` (in ``params`` order)."""

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from drivepriv.agents.common import Batch
+from drivepriv.agents.common import Batch, at_step
 from drivepriv.attacks.base import AttackInput, Priors, Reconstruction, gradient_distance
 from drivepriv.registry import Registry
 from drivepriv.seeding import derive_seed
@@ -164,7 +164,8 @@ def simulate_update(inp: AttackInput, batch: Batch) -> tuple[Tensor, ...]:
     for k in range(inp.local_steps):
         sl = slice(k * B, (k + 1) * B)
         step = Batch(batch.states[sl], batch.actions[sl], batch.rewards[sl], batch.next_states[sl], batch.dones[sl])
-        g = grad(lambda q: loss(model, q, target_params, step))(p)
+        spec = at_step(loss, k)
+        g = grad(lambda q: spec(model, q, target_params, step))(p)
         p = {n: p[n] - inp.local_lr * g[n] for n in p}
     return tuple(p[n] - params[n] for n in params)
 

@@ -113,6 +113,10 @@ class AgentConfig:
     ppo_epochs: int = 1
     #: TD3: standard deviation of the Gaussian exploration noise (actions in [-1, 1]).
     exploration_noise: float = 0.2
+    #: TD3: the actor's term is in every ``policy_delay``-th training step (the paper's delayed
+    #: policy update uses 2); the steps between are critic-only. Steps are counted over the
+    #: whole run: local step k of round r is step r * local_steps + k (FedSGD: step r).
+    policy_delay: int = 1
     #: SAC: the entropy temperature alpha (fixed; the server prescribes it).
     entropy_alpha: float = 0.2
 
@@ -134,6 +138,10 @@ class AgentConfig:
             raise ConfigError(f"{where}.clip_range: expected a positive clipping range (PPO's usual: 0.2), got {self.clip_range}")
         if self.ppo_epochs < 1:
             raise ConfigError(f"{where}.ppo_epochs: expected an integer >= 1, got {self.ppo_epochs}")
+        if self.policy_delay < 1:
+            raise ConfigError(f"{where}.policy_delay: expected an integer >= 1 (1: the actor in every step; TD3's paper: 2), got {self.policy_delay}")
+        if self.policy_delay > 1 and self.algorithm != "td3":
+            raise ConfigError(f"{where}.policy_delay: delayed actor updates are TD3's, and the algorithm is {self.algorithm}; use --set {where}.algorithm=td3 or {where}.policy_delay=1")
 
 
 @dataclass(frozen=True)

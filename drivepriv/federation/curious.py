@@ -40,7 +40,7 @@ from typing import Iterable, Literal
 
 import torch
 
-from drivepriv.agents.common import LossSpec
+from drivepriv.agents.common import LossSpec, at_step
 from drivepriv.errors import ConfigError
 from drivepriv.federation.flower_support import require_flower
 from drivepriv.federation.strategies import strategy_for_payload
@@ -70,7 +70,8 @@ class CuriousStrategy(Strategy):
     ----------
     inner: the strategy that really runs the federation; every call is passed on to it.
     loss: the LossSpec the clients train with (``drivepriv.agents.dqn.DQNLossSpec``,
-        ``drivepriv.agents.ppo.PPOLossSpec``, ...), which the attacks differentiate.
+        ``drivepriv.agents.ppo.PPOLossSpec``, ...), which the attacks differentiate: that of
+        training step 0 (TD3's delayed actor term then follows the round's steps).
     payload: what a reply's arrays are (module docstring).
     lr, local_steps, batch_size: the clients' local training, as the server configures it.
     rounds, clients: which rounds (0-based, negative from the end) and clients to capture
@@ -189,14 +190,15 @@ class CuriousStrategy(Strategy):
         got.sort(key=lambda t: t[0])
         shared = strategy_for_payload("delta" if self.payload == "weights" else self.payload)
         strategy, steps = shared.name, shared.unrolled_steps(self.local_steps)
+        loss = at_step(self.loss, rnd * steps)  # the round's first training step (TD3's delayed actor)
         if self.aggregate_only:
             if got:
                 mean = tuple(torch.stack(ps).mean(0) for ps in zip(*(u for _, u in got)))
-                self.views.append(ServerView(rnd, -1, strategy, params, target, mean, len(got) * self.batch_size, steps, self.lr, self.loss))
+                self.views.append(ServerView(rnd, -1, strategy, params, target, mean, len(got) * self.batch_size, steps, self.lr, loss))
             return
         for client, update in got:
             if self.clients is None or client in self.clients:
-                self.views.append(ServerView(rnd, client, strategy, params, target, update, self.batch_size, steps, self.lr, self.loss))
+                self.views.append(ServerView(rnd, client, strategy, params, target, update, self.batch_size, steps, self.lr, loss))
 
     # -- passed on unchanged --------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

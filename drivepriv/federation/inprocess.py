@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from drivepriv.agents.algorithms import LocalAlgorithm, make_algorithm
-from drivepriv.agents.common import Batch, ReplayBuffer
+from drivepriv.agents.common import Batch, ReplayBuffer, at_step
 from drivepriv.config import RunConfig
 from drivepriv.envs import make_env
 from drivepriv.federation.defenses import DefenseStack, PrivacyAccountant
@@ -106,7 +106,7 @@ class Client:
             if step < distinct:
                 batches.append(batch.numpy())
                 origins.append(self.buffer.origin[idx].copy())
-            spec = algorithm.client_loss(loss_spec, rng)
+            spec = algorithm.client_loss(at_step(loss_spec, rnd * local_steps + step), rng)
             if dp is None:
                 return spec.gradient(model, at, target_params, batch)
             rates.append(fed.batch_size / pool)
@@ -261,7 +261,8 @@ class Server:
 
     def view(self, rnd: int, client: int, params, target_params, payload, batch_size: int) -> ServerView:
         fed = self.cfg.federation
-        return ServerView(rnd, client, fed.strategy, params, target_params, payload, batch_size, fed.local_steps, fed.lr, self.loss_spec)
+        loss = at_step(self.loss_spec, rnd * strategy(fed.strategy).unrolled_steps(fed.local_steps))  # the round's first step
+        return ServerView(rnd, client, fed.strategy, params, target_params, payload, batch_size, fed.local_steps, fed.lr, loss)
 
     def receive(self, rnd: int, params, target_params, updates: list[ClientUpdate], record: bool = True) -> None:
         """Account, record (unless the engine's own strategy records) and aggregate one round's

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
-from drivepriv.agents.common import Batch
+from drivepriv.agents.common import Batch, at_step
+from drivepriv.agents.dqn import DQNLossSpec
 from drivepriv.agents.td3 import TD3LossSpec, TD3Net, td3_act
 
 GAMMA, D = 0.95, 2
@@ -80,6 +81,26 @@ def test_each_term_reaches_only_its_own_network():
     # policy_coef=0 is a critic-only step (TD3's delayed policy update)
     critic_only = TD3LossSpec(gamma=GAMMA, policy_coef=0.0).gradient(model, params, target_params, b)
     assert all(g.abs().max() == 0 for n, g in zip(params, critic_only) if n.startswith("actor."))
+
+
+def test_delayed_actor_updates_leave_the_steps_between_critic_only():
+    """With TD3's delay of 2, steps 0, 2, 4, ... are critic-only and steps 1, 3, ... carry the
+    actor's term (the paper's counter); the critics' gradient is the same in every step."""
+    model, params, target_params, b = td3_case()
+    full = TD3LossSpec(gamma=GAMMA).gradient(model, params, target_params, b)
+    spec = TD3LossSpec(gamma=GAMMA, policy_delay=2)
+    assert [spec.at_step(k).actor_coef for k in range(5)] == [0.0, 1.0, 0.0, 1.0, 0.0]
+    assert at_step(spec, 3) == spec.at_step(3) and spec.at_step(3).at_step(1).iteration == 4
+    critic_only = dict(zip(params, spec.gradient(model, params, target_params, b)))
+    expected = td3_gradient_by_hand(model, target_params, b, 1.0)
+    for name, g in zip(params, full):
+        assert torch.equal(dict(zip(params, spec.at_step(1).gradient(model, params, target_params, b)))[name], g), name
+        if name.startswith("actor."):
+            assert critic_only[name].abs().max() == 0 and g.abs().max() > 0, name
+        else:
+            assert torch.equal(critic_only[name], g) and torch.allclose(g, expected[name], atol=1e-6), name
+    dqn = DQNLossSpec(gamma=GAMMA)
+    assert at_step(dqn, 7) is dqn  # every other loss is the same at every step
 
 
 def test_td3_vmap_grad_over_restarts():

@@ -56,6 +56,20 @@ def test_a_trained_critic_pair_is_recovered_by_peeling_one_into_the_other():
     assert s_err < 1e-4 and a_err < 1e-4 and r_ok == 1.0, (s_err, a_err, r_ok)
 
 
+def test_a_critic_only_step_of_delayed_td3_is_recovered_exactly():
+    """TD3 with the paper's delayed actor (policy_delay 2): round 0's gradient has no actor term
+    (the server's view says so, and the shared actor gradient is exactly zero); the critics still
+    carry every (s, a), so the batch is recovered as in an actor step."""
+    priors, truth, inp = federation_case("pendulum", 8, **{"agent.policy_delay": 2})
+    assert inp.loss.actor_coef == 0.0
+    actor = [g for name, g in zip(inp.params, inp.gradient) if name.startswith("actor.")]
+    assert actor and all(g.abs().max() == 0 for g in actor)
+    rec = make_attack("rgia-k").run(inp, seed=0)
+    assert rec.extra["states_found"] == 8
+    s_err, a_err, r_ok = _errors(truth, rec, priors.codec)
+    assert s_err < 1e-4 and a_err < 1e-4 and r_ok == 1.0, (s_err, a_err, r_ok)
+
+
 def test_racetrack_egos_within_a_metre_and_analytic_exact_for_one_transition():
     priors, truth, inp = federation_case("racetrack", 8)
     rec = make_attack("rgia-k").run(inp, seed=0)

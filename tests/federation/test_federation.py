@@ -102,3 +102,35 @@ def test_ppo_settings_that_cannot_run_are_clear_errors():
         run_federation(cartpole(**{"agent.algorithm": "ppo", "federation.strategy": "fedavg", "federation.local_steps": 3}), set(), progress=False)
     with pytest.raises(ConfigError, match="gae_lambda"):
         cartpole(**{"agent.gae_lambda": 1.5})
+    with pytest.raises(ConfigError, match="delayed actor updates are TD3's"):
+        cartpole(**{"agent.algorithm": "ppo", "agent.policy_delay": 2})
+    with pytest.raises(ConfigError, match="policy_delay: expected an integer >= 1"):
+        cartpole(**{"agent.policy_delay": 0})
+
+
+@pytest.mark.parametrize("strategy, local_steps", [("fedsgd", 1), ("fedavg", 3)])
+def test_delayed_td3_clients_train_the_actor_every_second_step_and_the_server_knows_which(strategy, local_steps):
+    """Delayed policy updates (agent.policy_delay=2) count training steps over the run: FedSGD's
+    round r is step r, FedAvg's local step k of round r is step 3 r + k. The server's view holds
+    the loss of the round's first step, and replaying the client's local steps with it from the
+    recorded minibatches gives exactly the shared payload."""
+    settings = {**SMALL, "federation.clients": 1, "attack.rounds": [0, 1], "federation.strategy": strategy,
+                "federation.local_steps": local_steps, "agent.algorithm": "td3", "agent.policy_delay": 2}
+    cfg = apply_overrides(load_scenario("pendulum"), [(k.split("."), v) for k, v in settings.items()])
+    fed = run_federation(cfg, resolve_attacked(cfg), progress=False)
+    assert [v.round for v in fed.views] == [0, 1]
+    for view in fed.views:
+        first = view.round * local_steps
+        assert view.loss.iteration == first and view.loss.policy_delay == 2
+        truth = fed.truths[(view.round, view.client)]
+        params = {k: v.clone() for k, v in view.params.items()}
+        for k in range(local_steps):
+            rows = slice(k * cfg.federation.batch_size, (k + 1) * cfg.federation.batch_size)
+            batch = common.Batch(*(torch.as_tensor(getattr(truth, f)[rows]) for f in ("states", "actions", "rewards", "next_states", "dones")))
+            g = common.at_step(view.loss, k).gradient(fed.model, params, view.target_params, batch)
+            params = {n: p - cfg.federation.lr * gn for (n, p), gn in zip(params.items(), g)} if strategy == "fedavg" else params
+        replayed = g if strategy == "fedsgd" else tuple(params[n] - view.params[n] for n in params)
+        for name, mine, shared in zip(view.params, replayed, view.payload):
+            assert torch.allclose(mine, shared, atol=1e-6), (view.round, name)
+            if name.startswith("actor."):  # FedSGD: round 0 critic-only, round 1 not; FedAvg: step 1 or 3 and 5
+                assert (shared.abs().max() > 0) == (strategy == "fedavg" or view.round == 1), (view.round, name)
