@@ -34,3 +34,8 @@ def test_quick_run(name, tmp_path):
     head = "ego_pos_err_m" if "ego_pos_err_m" in metrics else "state_rmse"
     assert metrics[head].map(math.isfinite).all()
     assert metrics["reward_abs_err"].map(math.isfinite).all()
+    if cfg.env.backend == "metadrive":  # the objects the lidar sees, in metres, lead the verdict with the lane and the speed
+        assert "lidar_objects_err_m" in metrics
+        leakage = pd.read_csv(run_dir / "leakage.csv")
+        assert list(dict.fromkeys(leakage["feature"]))[:5] == ["lateral", "speed", "heading", "lidar objects", "lidar"]
+        assert (leakage["feature"] == "action").sum() == len(set(metrics["attack"]))  # the taken action; the observed one is "last action"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 
@@ -55,6 +55,9 @@ class VectorCodec:
     flat = True
     #: Unit suffix of the distance columns: none (the residual is a distance over mixed units).
     distance_suffix = ""
+    #: The scored groups the report's verdict names first, in this order (the rest follow in
+    #: observation order).
+    headline: ClassVar[tuple[str, ...]] = ()
 
     @property
     def obs_shape(self) -> tuple[int]:
@@ -106,8 +109,14 @@ class VectorCodec:
         hi = np.array([f.high if math.isfinite(f.high) else self.unbounded_box for f in self.features], dtype=np.float32)
         return lo, hi
 
+    def scored_groups(self) -> dict[str, str]:
+        """The groups the metrics score (:meth:`group_errors`) and their units: every feature
+        group (a codec may add groups of its own, e.g. MetaDrive's lidar objects)."""
+        return {g: self.group_unit(g) for g in self.groups()}
+
     def group_errors(self, truth: np.ndarray, rec: np.ndarray) -> dict[str, np.ndarray]:
-        """Per group, the per-transition mean absolute error in the group's unit. (N, D) -> {group: (N,)}."""
+        """Per scored group, the per-transition mean absolute error in the group's unit (NaN
+        where a transition has nothing to score). (N, D) -> {group: (N,)}."""
         t, r = self.to_physical(truth), self.to_physical(rec)
         return {g: np.abs(t[..., idx] - r[..., idx]).mean(-1) for g, idx in self.groups().items()}
 

@@ -121,8 +121,10 @@ def feature_leakage(records: list[BatchRecord], codec) -> pd.DataFrame:
             for truth, rec in pairs:
                 for g, e in codec.group_errors(np.asarray(truth.states), np.asarray(rec["states"])).items():
                     per_group.setdefault(g, []).append(e)
-            for g, es in per_group.items():
-                unit = codec.group_unit(g)
+            units = codec.scored_groups()
+            first = {g: i for i, g in enumerate(codec.headline)}  # the verdict names the first six
+            for g, es in sorted(per_group.items(), key=lambda item: first.get(item[0], len(first))):
+                unit = units[g]
                 rows.append(_rows(attack, _Feature(g.replace("_", " "), unit, UNIT_TOLERANCE.get(unit, DEFAULT_TOLERANCE)), np.concatenate(es)))
         rows += _action_reward(attack, pairs)
     return pd.DataFrame(rows, columns=LEAKAGE_COLUMNS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from drivepriv.envs.metadrive.codec import LIDAR_OBJECTS
 from drivepriv.envs.vector import VectorCodec
 from drivepriv.federation.types import GroundTruth
 
@@ -24,7 +25,7 @@ def group_column(group: str, unit: str) -> str:
 
 def vector_metric_columns(codec: VectorCodec, continuous: bool) -> list[str]:
     """The metric columns of a scenario with this codec, in report order."""
-    groups = [group_column(g, codec.group_unit(g)) for g in codec.groups()]
+    groups = [group_column(g, unit) for g, unit in codec.scored_groups().items()]
     action = "action_abs_err" if continuous else "action_acc"
     return ["state_rmse", *groups, action, "reward_abs_err", "next_state_rmse", "dyn_residual", "dyn_residual_truth", "grad_distance"]
 
@@ -40,9 +41,12 @@ def vector_metric_help(codec: VectorCodec) -> dict[str, str]:
         "dyn_residual_truth": "the same residual for the true transition (the simulator's floor)",
         "grad_distance": "attacker's gradient distance at the end (relative squared L2)",
     }
-    for g in codec.groups():
-        unit = codec.group_unit(g)
+    for g, unit in codec.scored_groups().items():
         out[group_column(g, unit)] = f"mean absolute error of {g} in s" + (f" ({unit})" if unit else " (observation units)")
+    if LIDAR_OBJECTS in codec.scored_groups():
+        out[group_column(LIDAR_OBJECTS, "m")] = ("how far the objects the reconstructed lidar scan sees (the centres of their hit points, ego frame) are from "
+                                                "the true scan's: OSPA distance in m, a missed or a false object costing the lidar's range; "
+                                                "transitions whose scan sees nothing left out")
     return out
 
 
@@ -64,8 +68,10 @@ def score_vector(truth: GroundTruth, rec_states, rec_actions, rec_rewards, rec_n
     t = truth.states.reshape(len(perm), -1)
     continuous = np.asarray(truth.actions).ndim == 2
     m: dict[str, float] = {"state_rmse": float(np.median(np.sqrt(((t - rs.reshape(t.shape)) ** 2).mean(-1))))}
+    units = codec.scored_groups()
     for g, err in codec.group_errors(t, rs.reshape(t.shape)).items():
-        m[group_column(g, codec.group_unit(g))] = float(np.median(err))
+        err = err[np.isfinite(err)]
+        m[group_column(g, units[g])] = float(np.median(err)) if err.size else float("nan")
     if continuous:
         m["action_abs_err"] = float(np.mean(np.abs(np.asarray(ra, dtype=np.float64) - truth.actions)))
     else:

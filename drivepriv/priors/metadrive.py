@@ -39,6 +39,7 @@ import math
 import torch
 from torch import Tensor
 
+from drivepriv.envs.metadrive.codec import LIDAR_HIT
 from drivepriv.envs.vector import VectorCodec
 
 #: ``BaseVehicle.MAX_STEERING``: MetaDrive divides the (normalised) steering by this.
@@ -116,7 +117,7 @@ def _lidar_convexity(dist_m: Tensor, max_dist_m: float) -> Tensor:
     delta = 2.0 * math.pi / n_rays
     prev, nxt = torch.roll(dist_m, 1, -1), torch.roll(dist_m, -1, -1)
     with torch.no_grad():  # which triples are one object: a gate, not a gradient path
-        hit = dist_m < 0.999 * max_dist_m
+        hit = dist_m < LIDAR_HIT * max_dist_m
         gate = (
             hit & torch.roll(hit, 1, -1) & torch.roll(hit, -1, -1)
             & ((dist_m - prev).abs() < SAME_OBJECT_JUMP_M) & ((dist_m - nxt).abs() < SAME_OBJECT_JUMP_M)

@@ -217,7 +217,7 @@ def _leakage_table(leakage: pd.DataFrame | None) -> dict[str, Any] | None:
         for a in attacks:
             r = sub[sub["attack"] == a]
             if r.empty or int(r.iloc[0]["n"]) == 0:
-                cells.append({"main": "—", "sub": ""})
+                cells.append({"main": "—", "sub": "", "high": False})
                 continue
             r = r.iloc[0]
             share = float(r["within"])

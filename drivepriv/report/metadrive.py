@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from drivepriv.envs.metadrive.codec import LIDAR_HIT, lidar_angles_rad, lidar_range_m
 from drivepriv.envs.vector import VectorCodec
 from drivepriv.report.media import h264_writer
 from drivepriv.report.plots import EGO_RGB, attack_rgb
@@ -42,11 +43,6 @@ FAINT_RGB = (225, 225, 225)
 
 def _feature(phys: np.ndarray, codec: VectorCodec, name: str) -> float | None:
     return float(phys[codec.index(name)]) if name in codec.names else None
-
-
-def _lidar_range_m(codec: VectorCodec) -> float:
-    idx = codec.groups().get("lidar", [])
-    return float(codec.features[idx[0]].scale) if idx else 50.0
 
 
 def _draw_panel(img: np.ndarray, obs: np.ndarray, codec: VectorCodec, colour: tuple[int, int, int], half_view_m: float) -> dict[str, float | None]:
@@ -100,12 +96,12 @@ def _draw_panel(img: np.ndarray, obs: np.ndarray, codec: VectorCodec, colour: tu
 
     # lidar: faint range circle, hit points
     lidar_idx = codec.groups().get("lidar", [])
-    rng_m = _lidar_range_m(codec)
+    rng_m = lidar_range_m(codec)
     cv2.circle(img, (int(c), int(c)), int(round(rng_m * ppm)), FAINT_RGB, 1, cv2.LINE_AA)
     if lidar_idx:
         dist = phys[lidar_idx]
-        ang = np.arange(len(lidar_idx)) * (2.0 * math.pi / len(lidar_idx))
-        hit = dist < 0.999 * rng_m
+        ang = lidar_angles_rad(codec)
+        hit = dist < LIDAR_HIT * rng_m
         pts = px(dist * np.cos(ang), dist * np.sin(ang))
         for (u, v), h in zip(pts, hit):
             if h:
@@ -142,7 +138,7 @@ def draw_lidar_scene(truth_obs: np.ndarray, recon_obs: dict[str, np.ndarray], co
     truth_obs = np.asarray(truth_obs).reshape(-1)
     if truth_obs.shape[0] != codec.obs_dim:
         raise ValueError(f"draw_lidar_scene: truth has {truth_obs.shape[0]} values, the codec {codec.obs_dim}")
-    half = float(half_view_m or max(DEFAULT_HALF_VIEW_M, _lidar_range_m(codec) * 1.04))
+    half = float(half_view_m or max(DEFAULT_HALF_VIEW_M, lidar_range_m(codec) * 1.04))
     panels = [("truth", truth_obs, TRUTH_RGB)]
     for k, (name, rec) in enumerate(recon_obs.items()):
         rec = np.asarray(rec).reshape(-1)

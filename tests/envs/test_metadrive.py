@@ -20,6 +20,7 @@ from drivepriv.envs.metadrive import (  # noqa: E402
     metadrive_codec,
     scenario_for_seed,
 )
+from drivepriv.envs.metadrive.codec import lidar_angles_rad, lidar_objects, lidar_range_m  # noqa: E402
 from drivepriv.errors import ConfigError  # noqa: E402
 from drivepriv.priors.metadrive import metadrive_state_penalty, metadrive_state_penalty_terms  # noqa: E402
 from drivepriv.report.metadrive import draw_lidar_scene, topdown_frame, write_lidar_video  # noqa: E402
@@ -168,6 +169,9 @@ def test_state_penalty_zero_on_real_observations():
     worst = {k: float(v.max()) for k, v in terms.items()}
     assert max(worst.values()) < 1e-6, worst
     assert int(((x[:, -240:] < 1).sum(-1) > 0).sum()) > 50  # the lidar saw vehicles
+    phys = codec.to_physical(np.array(obs_all, np.float64))[:, codec.groups()["lidar"]]
+    counts = [len(lidar_objects(p, lidar_angles_rad(codec), lidar_range_m(codec))) for p in phys]
+    assert sum(c > 0 for c in counts) > 50 and max(counts) <= 12  # ... as a few separate objects
     # ... and positive on infeasible ones
     bad = x[:10].clone()
     bad[:, codec.index("steering_rad")] = 0.9
@@ -189,6 +193,53 @@ def test_codec_layout():
     zero_speed = codec.to_observation(np.zeros(codec.obs_dim))[codec.index("speed_mps")]
     assert zero_speed == pytest.approx(1 / 81)  # (0 km/h + 1) / (80 + 1)
     assert metadrive_codec(_cfg(map="SyS")).road_width_m is None
+
+
+def _scan(codec, cars: list[tuple[float, float, float]]) -> np.ndarray:
+    """An observation whose lidar is ray-cast against 4.5 m x 2 m cars (x ahead, y left, heading),
+    every other feature mid-range."""
+    ang, rng_m = lidar_angles_rad(codec), lidar_range_m(codec)
+    dist = np.full(len(ang), rng_m)
+    for cx, cy, psi in cars:
+        c, s_ = np.cos(psi), np.sin(psi)
+        # the ray t (cos a, sin a) in the car's frame; slab intersection with |u| <= 2.25, |v| <= 1
+        ox, oy = -cx * c - cy * s_, cx * s_ - cy * c
+        dx, dy = np.cos(ang) * c + np.sin(ang) * s_, -np.cos(ang) * s_ + np.sin(ang) * c
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t1, t2 = (-2.25 - ox) / dx, (2.25 - ox) / dx
+            t3, t4 = (-1.0 - oy) / dy, (1.0 - oy) / dy
+        near = np.maximum(np.minimum(t1, t2), np.minimum(t3, t4))
+        far = np.minimum(np.maximum(t1, t2), np.maximum(t3, t4))
+        hit = (near <= far) & (near > 0)
+        dist = np.where(hit, np.minimum(dist, near), dist)
+    obs = np.full(codec.obs_dim, 0.5)
+    obs[codec.groups()["lidar"]] = dist / rng_m
+    return obs
+
+
+def test_the_objects_the_lidar_sees_are_placed_and_scored_in_metres():
+    codec = metadrive_codec(_cfg())
+    ang, rng_m, idx = lidar_angles_rad(codec), lidar_range_m(codec), codec.groups()["lidar"]
+    cars = [(12.0, 3.5, 0.0), (-15.0, -3.5, 0.1), (25.0, 0.0, 0.0)]  # the last dead ahead: its run wraps past ray 0
+    obs = _scan(codec, cars)
+    found = lidar_objects(codec.to_physical(obs)[idx], ang, rng_m)
+    assert len(found) == 3
+    for cx, cy, _ in cars:  # the centre of each visible outline, within half a car's length of its centre
+        assert np.linalg.norm(found - [cx, cy], axis=1).min() <= 2.25 + 1e-9
+    assert len(lidar_objects(np.full(len(ang), rng_m), ang, rng_m)) == 0
+    assert "lidar_objects" in codec.scored_groups() and codec.scored_groups()["lidar_objects"] == "m"
+    # scoring: exact, moved 0.3 m along every ray, missing, and a scan that sees nothing
+    moved = obs.copy()
+    hit = obs[idx] < 0.999
+    moved[np.array(idx)[hit]] += 0.3 / rng_m
+    empty = _scan(codec, [])
+    truth, rec = np.stack([obs, obs, obs, empty]), np.stack([obs, moved, empty, obs])
+    err = codec.group_errors(truth, rec)["lidar_objects"]
+    assert err[0] == 0 and 0.25 < err[1] < 0.35 and err[2] == rng_m and np.isnan(err[3]), err
+    shifted = _scan(codec, [(cx + 1.0, cy, psi) for cx, cy, psi in cars])
+    assert 0.5 < codec.group_errors(obs[None], shifted[None])["lidar_objects"][0] < 1.5
+    extra = _scan(codec, cars + [(0.0, -20.0, 0.0)])  # a car that is not there costs the range, shared over 4
+    assert codec.group_errors(obs[None], extra[None])["lidar_objects"][0] == pytest.approx(rng_m / 4)
 
 
 def test_draw_lidar_scene_and_video(tmp_path):

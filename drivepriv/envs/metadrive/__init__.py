@@ -26,8 +26,8 @@ index  name                      unit    physical = obs * scale + offset        
 2      heading_diff_rad          rad     1 - 2 obs  (= sin(psi - psi_lane), ~ rad)   heading
 3      speed_mps                 m/s     (obs * (v_max_kmh + 1) - 1) / 3.6            speed
 4      steering_rad              rad     (2 obs - 1) * 60 * max_steering (40 deg)     steering
-5      last_action_steering      -       2 obs - 1                                    action
-6      last_action_throttle      -       2 obs - 1                                    action
+5      last_action_steering      -       2 obs - 1                                    last_action
+6      last_action_throttle      -       2 obs - 1                                    last_action
 7      yaw_rate_radps            rad/s   obs (|dpsi| / 0.1 s, clipped to 1 rad/s)      yaw_rate
 8      lane_offset_left_m        m       2.25 - 4.5 obs (left of lane centre > 0)     lateral
 9-18   navi{1,2}_{...}           m/-/rad two checkpoints x (ahead, left, radius,        navigation*
@@ -43,6 +43,12 @@ positive heading difference means the ego points left of the lane; positive stee
 left). ``border_left_m`` is the distance to the road's left border (the centre line side).
 Lidar ray ``i`` points at ``i * 360 / num_lasers`` degrees counter-clockwise from the ego's
 heading (ray 0 straight ahead, ray ``num_lasers/4`` to the left).
+
+The metrics score each group in its unit and, beyond the groups, ``lidar_objects`` (m): the
+objects the lidar sees (vehicles, traffic objects), each run of neighbouring hit rays placed at
+the centre of its hit points in the ego frame, compared between the true and the reconstructed
+scan by the OSPA distance, where a missed or a false object costs the lidar's range
+(:func:`~drivepriv.envs.metadrive.codec.lidar_object_errors`).
 """
 
 from __future__ import annotations
