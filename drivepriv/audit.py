@@ -260,7 +260,7 @@ def invert_gradients(
             delayed actor updates).
         alpha: SAC's entropy temperature (``algorithm="sac"``).
     """
-    return _invert(model, gradients, "gradients", scenario, algorithm, batch_size, 1, 0.0, False, target_model, gamma, attack, seed, settings, (vf_coef, ent_coef, policy_coef, alpha))
+    return _invert(model, gradients, "gradients", scenario, algorithm, batch_size, 1, 0.0, False, target_model, gamma, attack, seed, settings, (vf_coef, ent_coef, policy_coef, alpha, 1, 0))
 
 
 def invert_update(
@@ -281,6 +281,8 @@ def invert_update(
     ent_coef: float = 0.0,
     policy_coef: float = 1.0,
     alpha: float = 0.2,
+    policy_delay: int = 1,
+    first_step: int = 0,
 ) -> AuditReconstruction:
     """Reconstruct the transitions behind one FedAvg update.
 
@@ -291,18 +293,23 @@ def invert_update(
     ``same_batch=True`` every step used the same minibatch: the result holds its
     ``batch_size`` transitions, inverted from the update's mean gradient ``-update / (K lr)``
     (exact for one step; for several, the K gradients differ by the drift of the parameters,
-    of order lr). Other arguments as :func:`invert_gradients`.
+    of order lr). TD3 with delayed actor updates: the actor's term is in the local steps k with
+    ``(first_step + k + 1) % policy_delay == 0`` (``first_step``: the client's training steps
+    before this update; ``drivepriv.agents.td3.TD3LossSpec``). Other arguments as
+    :func:`invert_gradients`.
     """
     if local_steps < 1:
         raise ConfigError(f"local_steps: expected an integer >= 1, got {local_steps}")
+    if policy_delay < 1 or first_step < 0:
+        raise ConfigError(f"policy_delay, first_step: expected an integer >= 1 and one >= 0, got {policy_delay} and {first_step}")
     if not lr > 0:
         raise ConfigError(f"lr: expected the clients' positive local step size, got {lr}")
-    return _invert(model, update, "update", scenario, algorithm, batch_size, local_steps, lr, same_batch, target_model, gamma, attack, seed, settings, (vf_coef, ent_coef, policy_coef, alpha))
+    return _invert(model, update, "update", scenario, algorithm, batch_size, local_steps, lr, same_batch, target_model, gamma, attack, seed, settings, (vf_coef, ent_coef, policy_coef, alpha, policy_delay, first_step))
 
 
 def _invert(model, payload, what, scenario, algorithm, batch_size, local_steps, lr, same_batch, target_model, gamma, attack, seed, settings, coefs) -> AuditReconstruction:
     """invert_gradients (``what="gradients"``) and invert_update (``what="update"``)."""
-    vf_coef, ent_coef, policy_coef, alpha = coefs
+    vf_coef, ent_coef, policy_coef, alpha, policy_delay, first_step = coefs
     if algorithm not in SUPPORTED_ALGORITHMS:
         raise ConfigError(f"algorithm '{algorithm}' is not supported; supported: {', '.join(SUPPORTED_ALGORITHMS)}")
     if batch_size < 1:
@@ -325,7 +332,7 @@ def _invert(model, payload, what, scenario, algorithm, batch_size, local_steps, 
     n_actions, continuous = _check_model(model, cfg, algorithm)
     payload = tuple(torch.as_tensor(g).detach().float() for g in payload)
     if algorithm in ("td3", "sac"):
-        loss = TD3LossSpec(gamma=gamma, policy_coef=policy_coef) if algorithm == "td3" else SACLossSpec(gamma=gamma, alpha=alpha)
+        loss = TD3LossSpec(gamma=gamma, policy_coef=policy_coef, policy_delay=policy_delay, iteration=first_step) if algorithm == "td3" else SACLossSpec(gamma=gamma, alpha=alpha)
         net = TD3Net if algorithm == "td3" else SACNet
         wrapped, target = (net.from_modules(m.actor, m.q1, m.q2, codec.obs_dim, n_actions) for m in (copy.deepcopy(model), copy.deepcopy(target_model if target_model is not None else model)))
         by_name = dict(zip((k for k, _ in model.named_parameters()), payload))

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import drivepriv.agents.common as common
+from drivepriv.attacks.base import AttackInput
+from drivepriv.attacks.engine import simulate_update
 from drivepriv.config import apply_overrides
 from drivepriv.errors import ConfigError
 from drivepriv.federation.inprocess import resolve_attacked
@@ -130,6 +132,12 @@ def test_delayed_td3_clients_train_the_actor_every_second_step_and_the_server_kn
             g = common.at_step(view.loss, k).gradient(fed.model, params, view.target_params, batch)
             params = {n: p - cfg.federation.lr * gn for (n, p), gn in zip(params.items(), g)} if strategy == "fedavg" else params
         replayed = g if strategy == "fedsgd" else tuple(params[n] - view.params[n] for n in params)
+        if strategy == "fedavg":  # the attacks' model of the local run (engine.simulate_update) is the same
+            inp = AttackInput(fed.model, view.params, view.target_params, view.gradient(), view.loss, view.batch_size, (3,), 1, None,
+                              local_steps=local_steps, local_lr=view.lr, delta=view.payload)
+            whole = common.Batch(*(torch.as_tensor(getattr(truth, f)) for f in ("states", "actions", "rewards", "next_states", "dones")))
+            for mine, theirs in zip(replayed, simulate_update(inp, whole)):
+                assert torch.allclose(mine, theirs, atol=1e-6)
         for name, mine, shared in zip(view.params, replayed, view.payload):
             assert torch.allclose(mine, shared, atol=1e-6), (view.round, name)
             if name.startswith("actor."):  # FedSGD: round 0 critic-only, round 1 not; FedAvg: step 1 or 3 and 5
