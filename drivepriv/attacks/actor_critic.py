@@ -74,7 +74,8 @@ def analytic_inputs(inp: AttackInput, seed: int) -> np.ndarray:
 
 
 def exact_inputs(inp: AttackInput, seed: int, restarts: int, starts: np.ndarray | None = None, passes: int = 3) -> tuple[np.ndarray, dict[str, float]]:
-    """Critic inputs (k, D + d) certified from the update, k <= n, and the search's statistics.
+    """Critic inputs (k, D + d) certified from the update, k <= n, largest TD error first, and
+    the search's statistics (``residual``: the relative norm of what they leave of the update).
 
     The critics see the same inputs and the same TD target: a sample certified in one critic,
     with its target ``y = Q(x) - B g / 2`` from its output gradient g there, has a known output
@@ -94,16 +95,7 @@ def exact_inputs(inp: AttackInput, seed: int, restarts: int, starts: np.ndarray 
             break
         c = names[step % len(names)]
         chain = chains[c]
-        grads = {}
-        if len(xs):
-            q = _output(chain, xs)
-            contrib = chain.per_sample_gradients(xs, (2.0 * (q - ys) / B)[:, None])
-        for k, name in enumerate(chain.names):
-            gw, gb = chain.layers[k].g_weight, chain.layers[k].g_bias
-            if len(xs):
-                gw, gb = gw - contrib[k][0], gb - contrib[k][1]
-            grads[f"{name}.weight"], grads[f"{name}.bias"] = gw, gb
-        res = exact.recover_exact(getattr(inp.model, c), sub_dict(inp.params, c), grads, n - len(xs), _box(inp), seed + step, starts=starts, restarts=restarts)
+        res = exact.recover_exact(getattr(inp.model, c), sub_dict(inp.params, c), _peeled(chain, xs, ys, B), n - len(xs), _box(inp), seed + step, starts=starts, restarts=restarts)
         stats.setdefault("rank_first_layer", res.stats.get("rank_first_layer", 0.0))
         new = torch.as_tensor(res.states, dtype=torch.float64).reshape(-1, chain.in_dim)
         if len(xs) and len(new):  # a point certified twice is one sample
@@ -116,7 +108,28 @@ def exact_inputs(inp: AttackInput, seed: int, restarts: int, starts: np.ndarray 
         if len(new):
             xs = torch.cat([xs, new])
             ys = torch.cat([ys, _output(chain, new) - B * out_g[:, 0].double() / 2.0])
-    return xs.float().numpy(), stats
+    # what the certified samples leave of each critic's update (relative): about 0 where they
+    # account for all of it, the batch's other transitions then being merged into theirs
+    stats["residual"] = max(_norm(_peeled(ch, xs, ys, B).values()) / _norm(_peeled(ch, xs[:0], ys[:0], B).values()) for ch in chains.values())
+    order = torch.argsort(-(_output(chains[names[0]], xs) - ys).abs(), stable=True) if len(xs) else torch.zeros(0, dtype=torch.long)
+    return xs[order].float().numpy(), stats
+
+
+def _peeled(chain: Chain, xs: Tensor, ys: Tensor, B: int) -> dict[str, Tensor]:
+    """The chain's update less the exact contributions of the samples ``xs`` with TD targets
+    ``ys`` (output gradients ``2 (Q(x) - y) / B``), by parameter name."""
+    contrib = chain.per_sample_gradients(xs, (2.0 * (_output(chain, xs) - ys) / B)[:, None]) if len(xs) else None
+    out = {}
+    for k, name in enumerate(chain.names):
+        gw, gb = chain.layers[k].g_weight, chain.layers[k].g_bias
+        if contrib is not None:
+            gw, gb = gw - contrib[k][0], gb - contrib[k][1]
+        out[f"{name}.weight"], out[f"{name}.bias"] = gw, gb
+    return out
+
+
+def _norm(tensors) -> float:
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))
 
 
 def _output(chain: Chain, x: Tensor) -> Tensor:
