@@ -12,7 +12,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
+from drivepriv.agents.common import Batch
 from drivepriv.attacks import make_attack
 from drivepriv.attacks.actor_critic import critics, reads_actions
 from drivepriv.config import apply_overrides
@@ -68,6 +70,24 @@ def test_a_critic_only_step_of_delayed_td3_is_recovered_exactly():
     assert rec.extra["states_found"] == 8
     s_err, a_err, r_ok = _errors(truth, rec, priors.codec)
     assert s_err < 1e-4 and a_err < 1e-4 and r_ok == 1.0, (s_err, a_err, r_ok)
+
+
+def test_a_transition_merged_into_another_takes_the_certified_one():
+    """Two identical transitions give one term: seven are certified, and the eighth takes a
+    certified transition (the one with the largest TD error), not one of the attacker's own
+    prior states."""
+    priors, truth, inp = federation_case("pendulum", 8)
+    rows = np.r_[0:7, 0]
+    batch = Batch(*(torch.as_tensor(np.asarray(getattr(truth, f))[rows]) for f in ("states", "actions", "rewards", "next_states", "dones")))
+    merged = replace(inp, gradient=inp.loss.gradient(inp.model, inp.params, inp.target_params, batch))
+    rec = make_attack("rgia-k").run(merged, seed=0)
+    assert rec.extra["states_found"] == 7
+    flat = rec.states.reshape(8, -1)
+    for i in rows:  # every transition, the repeated one too, is among the reconstructions
+        assert np.abs(flat - truth.states[i].reshape(-1)).max(1).min() < 1e-4, i
+    true = truth.states.reshape(8, -1)
+    for x in flat:  # ... and the eighth reconstruction is a certified one again
+        assert np.abs(true - x).max(1).min() < 1e-4
 
 
 def test_racetrack_egos_within_a_metre_and_analytic_exact_for_one_transition():
