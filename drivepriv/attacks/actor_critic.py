@@ -75,7 +75,7 @@ def analytic_inputs(inp: AttackInput, seed: int) -> np.ndarray:
 
 def exact_inputs(inp: AttackInput, seed: int, restarts: int, starts: np.ndarray | None = None, passes: int = 3) -> tuple[np.ndarray, dict[str, float]]:
     """Critic inputs (k, D + d) certified from the update, k <= n, largest TD error first, and
-    the search's statistics (``residual``: the relative norm of what they leave of the update).
+    the search's statistics.
 
     The critics see the same inputs and the same TD target: a sample certified in one critic,
     with its target ``y = Q(x) - B g / 2`` from its output gradient g there, has a known output
@@ -108,9 +108,6 @@ def exact_inputs(inp: AttackInput, seed: int, restarts: int, starts: np.ndarray 
         if len(new):
             xs = torch.cat([xs, new])
             ys = torch.cat([ys, _output(chain, new) - B * out_g[:, 0].double() / 2.0])
-    # what the certified samples leave of each critic's update (relative): about 0 where they
-    # account for all of it, the batch's other transitions then being merged into theirs
-    stats["residual"] = max(_norm(_peeled(ch, xs, ys, B).values()) / _norm(_peeled(ch, xs[:0], ys[:0], B).values()) for ch in chains.values())
     order = torch.argsort(-(_output(chains[names[0]], xs) - ys).abs(), stable=True) if len(xs) else torch.zeros(0, dtype=torch.long)
     return xs[order].float().numpy(), stats
 
@@ -126,10 +123,6 @@ def _peeled(chain: Chain, xs: Tensor, ys: Tensor, B: int) -> dict[str, Tensor]:
             gw, gb = gw - contrib[k][0], gb - contrib[k][1]
         out[f"{name}.weight"], out[f"{name}.bias"] = gw, gb
     return out
-
-
-def _norm(tensors) -> float:
-    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))
 
 
 def _output(chain: Chain, x: Tensor) -> Tensor:

@@ -114,6 +114,11 @@ class VectorCodec:
         group (a codec may add groups of its own, e.g. MetaDrive's lidar objects)."""
         return {g: self.group_unit(g) for g in self.groups()}
 
+    def group_help(self, group: str) -> str:
+        """What the metric column of a scored group measures."""
+        unit = self.scored_groups()[group]
+        return f"mean absolute error of {group} in s" + (f" ({unit})" if unit else " (observation units)")
+
     def group_errors(self, truth: np.ndarray, rec: np.ndarray) -> dict[str, np.ndarray]:
         """Per scored group, the per-transition mean absolute error in the group's unit (NaN
         where a transition has nothing to score). (N, D) -> {group: (N,)}."""

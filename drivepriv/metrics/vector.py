@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from drivepriv.envs.metadrive.codec import LIDAR_OBJECTS
 from drivepriv.envs.vector import VectorCodec
 from drivepriv.federation.types import GroundTruth
 
@@ -42,11 +41,7 @@ def vector_metric_help(codec: VectorCodec) -> dict[str, str]:
         "grad_distance": "attacker's gradient distance at the end (relative squared L2)",
     }
     for g, unit in codec.scored_groups().items():
-        out[group_column(g, unit)] = f"mean absolute error of {g} in s" + (f" ({unit})" if unit else " (observation units)")
-    if LIDAR_OBJECTS in codec.scored_groups():
-        out[group_column(LIDAR_OBJECTS, "m")] = ("how far the objects the reconstructed lidar scan sees (the centres of their hit points, ego frame) are from "
-                                                "the true scan's: OSPA distance in m, a missed or a false object costing the lidar's range; "
-                                                "transitions whose scan sees nothing left out")
+        out[group_column(g, unit)] = codec.group_help(g)
     return out
 
 

@@ -46,6 +46,13 @@ class MetaDriveCodec(VectorCodec):
             out[LIDAR_OBJECTS] = "m"
         return out
 
+    def group_help(self, group: str) -> str:
+        if group == LIDAR_OBJECTS:
+            return ("how far the objects the reconstructed lidar scan sees (the centres of their hit points, ego frame) are from "
+                    "the true scan's: OSPA distance in m, a missed or a false object costing the lidar's range; "
+                    "transitions whose scan sees nothing left out")
+        return super().group_help(group)
+
     def group_errors(self, truth: np.ndarray, rec: np.ndarray) -> dict[str, np.ndarray]:
         out = super().group_errors(truth, rec)
         if "lidar" in self.groups():
