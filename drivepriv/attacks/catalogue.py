@@ -289,19 +289,19 @@ class RGIAKAttack(RGIAAttack):
         return rec
 
     def _run_critics(self, inp: AttackInput, seed: int, t0: float) -> Reconstruction:
-        """TD3: each transition's (s, a) recovered exactly from a critic's update
-        (:mod:`drivepriv.attacks.actor_critic`), the rest in closed form; the certified samples
-        fill what is not certified, and where nothing is, the analytic candidates and the
-        regularised refinement."""
+        """TD3 and SAC: each transition's (s, a) recovered exactly from a critic's update
+        (:mod:`drivepriv.attacks.actor_critic`), the rest in closed form. The transitions not
+        certified take the inputs the rest of the update gives unit by unit
+        (:func:`~drivepriv.attacks.actor_critic.update_candidates`), then the certified ones; where
+        the update gives neither, the analytic candidates and the regularised refinement."""
         n = inp.n_transitions
         analytic = actor_critic.analytic_inputs(inp, seed)
-        found, stats = actor_critic.exact_inputs(inp, derive_seed(seed, "attack", self.name, "exact"), int(self.settings.get("search_restarts", 512)), starts=analytic)
+        found, targets, stats = actor_critic.exact_inputs(inp, derive_seed(seed, "attack", self.name, "exact"), int(self.settings.get("search_restarts", 512)), starts=analytic)
         k = len(found)
-        # transitions not certified take the certified ones, largest TD error first (their terms
-        # are merged into, or too weak beside, the certified ones: measured on MetaDrive, these
-        # lie closer to them than the analytic candidates); with none certified, the analytic ones
-        rec = actor_critic.complete(inp, actor_critic.fill(found, found if k else analytic, n), self.name)
-        if k == 0:
+        given = actor_critic.update_candidates(inp, found, targets, n - k)
+        extra = given if k else np.concatenate([given, analytic.reshape(n, -1)])  # nothing certified: complete with the analytic ones
+        rec = actor_critic.complete(inp, actor_critic.fill(found, extra, n), self.name, targets)
+        if k == 0 and not len(given):
             settings = self.engine_settings(inp)
             settings.subspace = False  # the first layer is the actor's: its subspace holds s, not a
             settings.init_from = rec

@@ -144,6 +144,16 @@ class Search:
         self.separated = max(room, default=0)
         self.row = {k: vh[: self.rank[k]] for k, (_, _, vh) in enumerate(self.svd) if 0 < self.rank[k] < vh.shape[1] and self.rank[k] == self.separated}
         d = chain.in_dim
+        _, _, vh0 = self.svd[0]
+        corank = sum(vh.shape[1] - self.rank[k] for k, (_, _, vh) in enumerate(self.svd) if k in self.row and k > 0)
+        if 0 not in self.row and 0 < self.rank[0] < vh0.shape[1] and corank < d:
+            # The deeper row spaces alone leave a continuum of fixed points (fewer conditions
+            # than input coordinates: MetaDrive's 261 inputs against 256-wide layers), so no
+            # sample could be found or certified in the whole input space. The first layer's
+            # lower rank then comes from inputs that are nearly affinely dependent (consecutive
+            # transitions of one drive differ in few features), not only from shared patterns,
+            # and the samples lie in its row space: the search moves within it.
+            self.row[0] = vh0[: self.rank[0]]
         if 0 in self.row:
             self.p, self.N = _affine_subspace(self.row[0])
         else:
