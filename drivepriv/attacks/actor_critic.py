@@ -26,7 +26,7 @@ from torch.func import functional_call
 from drivepriv.agents.common import Batch
 from drivepriv.attacks import exact
 from drivepriv.attacks.chain import Chain, Search
-from drivepriv.attacks.base import AttackInput, Reconstruction, closed_form_reconstruction, linear_layers, output_gradients, recover_inputs
+from drivepriv.attacks.base import AttackInput, Reconstruction, closed_form_reconstruction, group_rows, linear_layers, output_gradients, recover_inputs
 
 #: The sub-networks of an actor-critic that read (s, a), in the order they are tried.
 CRITICS = ("q1", "q2")
@@ -212,21 +212,12 @@ def update_candidates(inp: AttackInput, found: np.ndarray, targets: np.ndarray, 
     if m <= 0 or not len(live):
         return np.zeros((0, chain.in_dim), np.float32)
     live = live[torch.argsort(-b[live].abs(), stable=True)]
-    ratios = (g[live, :-1] / b[live, None]).numpy()
-    low, high = _box(inp)
+    ratios = g[live, :-1] / b[live, None]
+    low, high = (torch.as_tensor(a) for a in _box(inp))
     span = high - low
-    inside = np.all((ratios >= low - 1e-3 * span) & (ratios <= high + 1e-3 * span), axis=1)
-    ratios = ratios[inside]
-    reps: list[np.ndarray] = []
-    counts: list[int] = []
-    for r in ratios:
-        for k, c in enumerate(reps):
-            if np.linalg.norm(r - c) <= 1e-4 * (1.0 + np.linalg.norm(c)):
-                counts[k] += 1
-                break
-        else:
-            reps.append(r)
-            counts.append(1)
+    inside = ((ratios >= low - 1e-3 * span) & (ratios <= high + 1e-3 * span)).all(1)
+    groups, counts = group_rows(ratios[inside])
+    reps = [r.numpy() for r in groups]
     chosen = [reps[k] for k in np.argsort(-np.asarray(counts), kind="stable") if counts[k] >= 2][:m]
     rest_reps = [r for r, c in zip(reps, counts) if c < 2]
     taken = list(xs.numpy()) + chosen

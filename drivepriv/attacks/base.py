@@ -157,6 +157,23 @@ def linear_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
+def group_rows(rows: Tensor, rel: float = 1e-4) -> tuple[list[Tensor], list[int]]:
+    """Rows grouped in order: each joins the first group whose first row lies within
+    ``rel * (1 + |first row|)`` of it. The groups' first rows and their sizes (a first-layer
+    unit that one sample alone reaches gives that sample's input, so such units agree)."""
+    reps: list[Tensor] = []
+    counts: list[int] = []
+    for c in rows:
+        for k, r in enumerate(reps):
+            if torch.norm(c - r) <= rel * (1.0 + torch.norm(r)):
+                counts[k] += 1
+                break
+        else:
+            reps.append(c)
+            counts.append(1)
+    return reps, counts
+
+
 def recover_inputs(gw: Tensor, gb: Tensor, batch_size: int, prior_states: np.ndarray | None, seed: int) -> np.ndarray:
     """Inputs of a linear layer from its weight and bias gradients.
 
@@ -169,17 +186,7 @@ def recover_inputs(gw: Tensor, gb: Tensor, batch_size: int, prior_states: np.nda
         raise ValueError("the first layer's bias gradient is zero: nothing to recover")
     units = torch.nonzero(gb.abs() > 1e-9 * scale).flatten()
     units = units[torch.argsort(gb[units].abs(), descending=True)]
-    cand = gw[units] / gb[units, None]
-    reps: list[Tensor] = []
-    counts: list[int] = []
-    for c in cand:
-        for k, r in enumerate(reps):
-            if torch.norm(c - r) <= 1e-4 * (1.0 + torch.norm(r)):
-                counts[k] += 1
-                break
-        else:
-            reps.append(c)
-            counts.append(1)
+    reps, counts = group_rows(gw[units] / gb[units, None])
     order = np.argsort(-np.asarray(counts), kind="stable")
     chosen = [reps[k] for k in order[:batch_size] if counts[k] >= 2 or batch_size == 1]
     out = [c.float().numpy() for c in chosen]

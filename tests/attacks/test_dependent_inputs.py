@@ -64,3 +64,19 @@ def test_both_critics_certify_the_whole_batch_and_nothing_else():
     assert len(xs) == B and len(targets) == B
     err = torch.cdist(torch.as_tensor(xs, dtype=torch.float64), torch.as_tensor(truth, dtype=torch.float64)).min(1).values
     assert float(err.max()) < 1e-4, err
+
+
+def test_a_transition_left_uncertified_is_what_the_rest_of_the_update_gives():
+    """Peeled of the others' exact contributions, the first layer's update is one sample's term:
+    every unit's ratio is that sample's input, and the candidates give it back."""
+    inp, truth = dependent_case()
+    xs, targets, _ = actor_critic.exact_inputs(inp, seed=0, restarts=256)
+    assert len(xs) == B
+    for j in (0, B - 1):
+        others = np.delete(np.arange(B), j)
+        cands = actor_critic.update_candidates(inp, xs[others], targets[others], 1)
+        assert cands.shape == (1, OBS + ACT)
+        assert np.abs(cands[0] - xs[j]).max() < 1e-3, np.abs(cands[0] - xs[j]).max()
+    # nothing certified: mixtures of the batch's inputs, in the box, as many as asked for
+    cands = actor_critic.update_candidates(inp, xs[:0], targets[:0], B)
+    assert 0 < len(cands) <= B and np.all(np.abs(cands) <= 1.0 + 2e-3)
