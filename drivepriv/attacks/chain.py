@@ -187,33 +187,50 @@ class Search:
         return total
 
     def newton(self, x0: Tensor, iterations: int) -> Tensor:
-        """Fixed-pattern least-squares steps from x0 (R, d); returns the final points."""
+        """Fixed-pattern least-squares steps from x0 (R, d); returns the final points. A point
+        stops where its step no longer moves it (a fixed point on its cell)."""
         z = lstsq(self.N.T, (x0 - self.p).T).T
-        if not self.deep:
+        if not self.deep or not self.N.shape[0]:
             return self.p + z @ self.N
         layers = self.chain.layers
+        # the first layer's input is affine in z everywhere: a_1 = mask * (W_1 N^T z + W_1 p + b_1)
+        first_J = layers[0].weight @ self.N.T
+        first_c = self.p @ layers[0].weight.T + layers[0].bias
+        moving = torch.arange(len(z))
         for _ in range(iterations):
-            x = self.p + z @ self.N
+            zm = z[moving]
+            x = self.p + zm @ self.N
             inputs, pre = self.chain.forward(x)
+            R = len(zm)
             # layer inputs as affine maps of z on the current cell: a_k = J_k z + c_k
-            J = self.N.T.expand(x.shape[0], -1, -1)  # d(x)/dz: (R, d, k)
-            c = self.p.expand(x.shape[0], -1)
             rows, rhs = [], []
+            J = c = zm  # (set at k = 1)
             for k in range(1, max(self.deep) + 1):
                 mask = (pre[k - 1] > 0).double()
-                W, b = layers[k - 1].weight, layers[k - 1].bias
-                J = mask[..., None] * torch.einsum("ij,rjk->rik", W, J)
-                c = mask * (c @ W.T + b)
+                if k == 1:
+                    J, c = mask[..., None] * first_J, mask * first_c
+                else:
+                    W, b = layers[k - 1].weight, layers[k - 1].bias
+                    J = mask[..., None] * torch.einsum("ij,rjk->rik", W, J)
+                    c = mask * (c @ W.T + b)
                 if k in self.row:
-                    P = self.proj[k]
+                    # the residual outside the row space, (I - V^T V) [a, 1], with V's few
+                    # orthonormal rows (cheaper than the full projector)
+                    V = self.row[k]
                     a_norm = (inputs[k].norm(dim=1, keepdim=True) ** 2 + 1.0).sqrt()[..., None]  # scale-free rows
-                    rows.append(torch.einsum("ij,rjk->rik", P[:, :-1], J) / a_norm)
-                    rhs.append(-(c @ P[:-1] + P[-1]) / a_norm[..., 0])
+                    Ja = torch.cat([J, torch.zeros(R, 1, J.shape[2], dtype=J.dtype)], dim=1)
+                    rows.append((Ja - torch.einsum("ji,rjk->rik", V, torch.einsum("ij,rjk->rik", V[:, :-1], J))) / a_norm)
+                    ca = torch.cat([c, torch.ones(R, 1, dtype=c.dtype)], dim=1)
+                    rhs.append(-(ca - (ca @ V.T) @ V) / a_norm[..., 0])
             A = torch.cat(rows, dim=1)
             y = torch.cat(rhs, dim=1)
             step = lstsq(A, y[..., None])[..., 0]
             bad = ~torch.isfinite(step).all(1)
-            z = torch.where(bad[:, None], z, step)
+            step = torch.where(bad[:, None], zm, step)
+            z = z.index_copy(0, moving, step)
+            moving = moving[(step - zm).norm(dim=1) > 1e-12 * (1.0 + zm.norm(dim=1))]
+            if not len(moving):
+                break
         return self.p + z @ self.N
 
     def output_maps(self, x: Tensor, k: int) -> Tensor:
