@@ -216,14 +216,19 @@ class RoadGeometry:
         """
         T = self._lane_table()
         M = T.valid.shape[1]
-        m = int(T.n_seg[lane].max()) if lane.numel() else 1  # padding past every lane's last segment is never chosen
         with torch.no_grad():
-            valid = T.valid[lane, :m]
-            lo, hi = T.u_lo[lane, :m], T.u_hi[lane, :m]
-            d, outside = _segment_fit(xy.detach()[:, None, :], T.c0[lane, :m], T.dc[lane, :m], T.n0[lane, :m], T.dn[lane, :m], lo, hi)
-            outside = outside | ~valid
-            score = d + outside.to(d.dtype) * 1e9 + (~valid).to(d.dtype) * 1e12
-            flat = lane * M + score.argmin(-1)  # (N,) the chosen segment in the (L * M) table
+            # each point scored on its own lane's m segments only, the points grouped by m (a
+            # straight lane has one segment, a curved one tens): padding is never chosen
+            n_seg = T.n_seg[lane]
+            flat = lane * M  # (N,) the chosen segment in the (L * M) table
+            for m in torch.unique(n_seg).tolist():
+                if m == 1:  # one segment: nothing to choose
+                    continue
+                at = torch.nonzero(n_seg == m).flatten()
+                ln = lane[at]
+                d, outside = _segment_fit(xy.detach()[at, None, :], T.c0[ln, :m], T.dc[ln, :m], T.n0[ln, :m], T.dn[ln, :m], T.u_lo[ln, :m], T.u_hi[ln, :m])
+                score = d + outside.to(d.dtype) * 1e9
+                flat = flat.index_add(0, at, score.argmin(-1))
 
         def pick(x: Tensor) -> Tensor:
             return x.reshape(-1, *x.shape[2:])[flat]
