@@ -204,7 +204,6 @@ class Search:
             R = len(zm)
             # layer inputs as affine maps of z on the current cell: a_k = J_k z + c_k
             rows, rhs = [], []
-            J = c = zm  # (set at k = 1)
             for k in range(1, max(self.deep) + 1):
                 mask = (pre[k - 1] > 0).double()
                 if k == 1:
