@@ -217,17 +217,16 @@ class RoadGeometry:
         T = self._lane_table()
         M = T.valid.shape[1]
         with torch.no_grad():
-            # each point scored on its own lane's m segments only, the points grouped by m (a
-            # straight lane has one segment, a curved one tens): padding is never chosen
+            # a lane of one segment leaves nothing to choose: only the points on longer lanes are
+            # scored, on as many segments as the longest of those has (padding is never chosen)
             n_seg = T.n_seg[lane]
             flat = lane * M  # (N,) the chosen segment in the (L * M) table
-            for m in torch.unique(n_seg).tolist():
-                if m == 1:  # one segment: nothing to choose
-                    continue
-                at = torch.nonzero(n_seg == m).flatten()
-                ln = lane[at]
+            at = torch.nonzero(n_seg > 1).flatten()
+            if len(at):
+                ln, m = lane[at], int(n_seg[at].max())
+                valid = T.valid[ln, :m]
                 d, outside = _segment_fit(xy.detach()[at, None, :], T.c0[ln, :m], T.dc[ln, :m], T.n0[ln, :m], T.dn[ln, :m], T.u_lo[ln, :m], T.u_hi[ln, :m])
-                score = d + outside.to(d.dtype) * 1e9
+                score = d + (outside | ~valid).to(d.dtype) * 1e9 + (~valid).to(d.dtype) * 1e12
                 flat = flat.index_add(0, at, score.argmin(-1))
 
         def pick(x: Tensor) -> Tensor:
