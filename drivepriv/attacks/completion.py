@@ -93,7 +93,7 @@ def _groups(search: Search, masks: list[Tensor], tol: float) -> list[tuple[Tenso
         if all(float((v @ w).abs()) < 1.0 - 1e-6 for w in dirs):
             dirs.append(v)
             keys.append((p, o))
-    if len(dirs) != k or not _full_rank(torch.stack(dirs)):
+    if len(dirs) != k or not full_rank(torch.stack(dirs)):
         return []
     rows = lstsq(torch.stack(dirs).T, search.grads[1])  # (k, H_1 + 1): t_g [sum of outputs, count]
     mean = rows[:, :-1] / torch.where(rows[:, -1:].abs() < 1e-300, torch.ones_like(rows[:, -1:]), rows[:, -1:])
@@ -179,7 +179,7 @@ def complete_first_layer(search: Search, x: Tensor, tol: float, gen: torch.Gener
     if chosen is None:
         return []
     rng = np.random.default_rng(0 if gen is None else int(torch.randint(2**31 - 1, (1,), generator=gen)))
-    deep_tol = 1e-5 * max(1.0, (tol / 1e-9) ** 0.5)
+    deep_tol = deep_tolerance(tol)
     fallback: list[tuple[Tensor, Tensor]] = []  # the first set whose every term passed its own test
     partial: list[tuple[Tensor, Tensor]] = []  # the terms that passed in the best set that reproduces the update
     for _ in range(max(1, swaps)):
@@ -229,7 +229,7 @@ def complete_first_layer(search: Search, x: Tensor, tol: float, gen: torch.Gener
                 hits.append(0)
                 j = len(C) - 1
             keep = chosen[:i] + chosen[i + 1 :]
-            if j not in chosen and _full_rank(C[keep + [j]]):
+            if j not in chosen and full_rank(C[keep + [j]]):
                 chosen[i] = j
                 moved = True
         if moved:
@@ -245,7 +245,7 @@ def complete_first_layer(search: Search, x: Tensor, tol: float, gen: torch.Gener
         keep = [i for i in chosen if i != out]
         # keep is independent (a subset of an independent set), so only the new row is tested
         for j in unused:
-            if _full_rank(C[keep + [j]]):
+            if full_rank(C[keep + [j]]):
                 chosen = keep + [j]
                 break
         else:
@@ -296,6 +296,14 @@ class Terms:
 
 
 
+def deep_tolerance(tol: float) -> float:
+    """The largest relative residual, per layer, of an update that a set of terms explains:
+    1e-5 at float32 resolution (certification tolerance ``tol`` = 1e-9), looser as the
+    payload's noise loosens ``tol``."""
+    return 1e-5 * max(1.0, (tol / 1e-9) ** 0.5)
+
+
+
 def _terms_residual(search: Search, terms: Terms, W: Tensor) -> float:
     """The largest relative residual, over layers, of every layer's gradient of the update
     that the first layer's terms (directions ``terms.u``, rows ``W`` (r, d+1) of the
@@ -317,7 +325,7 @@ def _independent(C: Tensor, order: list[int], r: int) -> list[int] | None:
     picked: list[int] = []
     for i in order:
         trial = picked + [i]
-        if _full_rank(C[trial]):
+        if full_rank(C[trial]):
             picked = trial
             if len(picked) == r:
                 return picked
@@ -325,8 +333,8 @@ def _independent(C: Tensor, order: list[int], r: int) -> list[int] | None:
 
 
 
-def _full_rank(M: Tensor) -> bool:
+def full_rank(M: Tensor) -> bool:
     """The rows of M are linearly independent (to a relative 1e-6)."""
     sv = torch.linalg.svdvals(M)
-    return float(sv[-1]) > 1e-6 * float(sv[0])
+    return len(sv) == len(M) and float(sv[-1]) > 1e-6 * float(sv[0])
 

@@ -263,6 +263,39 @@ def test_peeling_subtracts_each_samples_own_gradient():
         assert torch.allclose(gw, w, atol=1e-10) and torch.allclose(gb, b, atol=1e-10)
 
 
+def test_the_last_terms_are_certified_jointly_where_peeling_errors_pile_up():
+    """Each peeling round subtracts estimates, and their errors reach the next rounds' remainder:
+    the last sample's term there fails its own tests. Solved together from the original update
+    (at a layer of rank n, then the first layer), every term is certified again at float
+    precision, from certified points 1e-4 off with output gradients 1e-3 off their scale."""
+    from drivepriv.attacks import exact
+    from drivepriv.attacks.chain import Chain, Search
+
+    n = 16
+    inp, truth, _ = setup_case(n, seed=4, hidden=(256, 256), replay=True)
+    grad = dict(zip(inp.params, inp.gradient))
+    chain = Chain(inp.model, inp.params, grad)
+    x_true = torch.as_tensor(truth.states, dtype=torch.float64).reshape(n, -1)
+    q = inp.model.double()(x_true).detach().requires_grad_(True)
+    a = torch.nn.functional.one_hot(torch.as_tensor(truth.actions), 5).double()
+    y = torch.as_tensor(truth.rewards, dtype=torch.float64) + 0.99 * inp.model(torch.as_tensor(truth.next_states, dtype=torch.float64).reshape(n, -1)).max(1).values.detach()
+    (g_true,) = torch.autograd.grad(torch.nn.functional.smooth_l1_loss((q * a).sum(1), y), q)
+    inp.model.float()
+    gen = torch.Generator().manual_seed(0)
+    xs = x_true[:-1] + 1e-4 * torch.randn(n - 1, x_true.shape[1], generator=gen, dtype=torch.float64)
+    gs = g_true[:-1] * (1.0 + 1e-3 * torch.randn(n - 1, 1, generator=gen, dtype=torch.float64)) + 1e-7 * torch.randn(n - 1, 5, generator=gen, dtype=torch.float64)
+    first = Search(chain, [layer.grad_matrix for layer in chain.layers], n, one_hot=True)
+    rest = [layer.grad_matrix - torch.cat([cw, cb[:, None]], 1) for layer, (cw, cb) in zip(chain.layers, chain.per_sample_gradients(xs, gs))]
+    last = Search(chain, rest, 1, one_hot=True)
+    near = x_true[-1:] + 1e-4 * torch.randn(1, x_true.shape[1], generator=gen, dtype=torch.float64)
+    assert last.residuals(near) > 1e-9 or last.column_test(near, last.last_hidden)[0] > 1e-9  # the case under test
+    x, g = exact._certify_jointly(first, xs, gs, last, near, n, 1e-9)
+    assert (x - x_true).norm(dim=1).max() < 1e-5
+    assert ((g - g_true).norm(dim=1) / g_true.norm(dim=1)).max() < 1e-5
+    # a point of another cell for the missing term: nothing is certified
+    assert exact._certify_jointly(first, xs, gs, last, x_true[:1] + 0.3, n, 1e-9) is None
+
+
 def test_least_squares_gives_the_same_bits_wherever_its_input_lies_in_memory():
     """torch's default CPU driver (gelsy) rounded differently with the input's address, so an
     attack's result depended on what its process had allocated before (rgia-k moved by 1e-5 m
