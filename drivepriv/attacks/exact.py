@@ -195,9 +195,9 @@ def recover_exact(
 
 def _certify_jointly(first: Search, xs: Tensor, gs: Tensor, search: Search, x_new: Tensor, n: int, tol: float) -> tuple[Tensor, Tensor] | None:
     """Every term of the update at once, where peeling stopped short of n: the certified points
-    ``xs`` (k, d) with their output gradients ``gs``, and for the rest the last round's fixed
-    points in every row space (``x_new``, the best column residual first, distinct), re-solved
-    together from the original update at a hidden layer whose gradient separates all n terms.
+    ``xs`` (k, d) with their output gradients ``gs``, and for the rest the last round's Newton
+    points ``x_new`` (the smallest row and column residuals first, distinct), re-solved together
+    from the original update at a hidden layer whose gradient separates all n terms.
 
     Each peeling round's estimates carry the errors of the earlier rounds' (the remainder is the
     update less their contributions), and the last samples' columns drift past the certification
