@@ -109,6 +109,17 @@ def fan_out(fn: Callable[[T], R], items: Sequence[T], workers: int = 0, done: Ca
         _JOBS = None
 
 
+def _death(exitcode: int | None) -> str:
+    """How a child process ended, from its exit code, in words."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"{name}: killed, or out of memory" if -exitcode == signal.SIGKILL else f"{name}"
+    return f"exit code {exitcode}"
+
+
 class Background:
     """``fn(*args)`` started now in a forked process, beside whatever this process does next;
     :meth:`result` waits for it and returns its value (or raises its exception).
@@ -152,9 +163,11 @@ class Background:
                 try:
                     kind, value = self._conn.recv()
                 except EOFError:
+                    self._proc.join()
+                    how = _death(self._proc.exitcode)
                     self.cancel()
                     raise DriveprivError(
-                        f"the background process running {getattr(self._fn, '__name__', 'a job')} died (killed, or out of memory). "
+                        f"the background process running {getattr(self._fn, '__name__', 'a job')} died ({how}). "
                         "Run with --workers 1 to run everything one after another in this process."
                     ) from None
                 self._proc.join()

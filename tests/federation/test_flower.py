@@ -79,7 +79,7 @@ def test_eval_on_flower_writes_a_report_with_the_inprocess_metrics(tmp_path, cap
         out = tmp_path / engine
         rc = main(["eval", "--scenario", "merge", "--engine", engine, "--clients", "3", "--quick", "--attacks", "rgia-k,dlg",
                    "--set", "attack.clients=[]", "--out", str(out), "--no-progress"])
-        assert rc == 0
+        assert rc == 0, engine
         (runs[engine],) = (out / "merge").iterdir()
     run = runs["flower"]
     assert (run / "report.html").is_file() and not run.name.endswith(".incomplete")
