@@ -29,6 +29,8 @@ from typing import Callable, Sequence, TypeVar
 from drivepriv.errors import DriveprivError
 from drivepriv.seeding import reproducible_torch
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -116,7 +118,7 @@ def _death(exitcode: int | None) -> str:
             name = signal.Signals(-exitcode).name
         except ValueError:
             name = f"signal {-exitcode}"
-        return f"{name}: killed, or out of memory" if -exitcode == signal.SIGKILL else f"{name}"
+        return f"{name}: killed, or out of memory" if -exitcode == signal.SIGKILL else name
     return f"exit code {exitcode}"
 
 
@@ -129,7 +131,9 @@ class Background:
     block is left early. ``fn`` must seed its own random streams, as every drivepriv job does:
     then its result does not depend on the process it ran in. With ``workers=1`` (everything
     one after another) or where the platform cannot fork, ``fn`` runs inside :meth:`result`,
-    in this process."""
+    in this process; so it does, with a warning that says how, where the child died before
+    sending its result back (killed, or a library's state inherited across the fork gone bad):
+    the same value either way."""
 
     def __init__(self, fn: Callable[..., R], *args, workers: int = 0) -> None:
         self._fn, self._args = fn, args
@@ -162,14 +166,17 @@ class Background:
             else:
                 try:
                     kind, value = self._conn.recv()
-                except EOFError:
+                except EOFError:  # it died before sending anything back: run it here instead
                     self._proc.join()
-                    how = _death(self._proc.exitcode)
+                    log.warning(
+                        "the background process running %s died (%s); running it in this process instead",
+                        getattr(self._fn, "__name__", "a job"),
+                        _death(self._proc.exitcode),
+                    )
                     self.cancel()
-                    raise DriveprivError(
-                        f"the background process running {getattr(self._fn, '__name__', 'a job')} died ({how}). "
-                        "Run with --workers 1 to run everything one after another in this process."
-                    ) from None
+                    self._value = self._fn(*self._args)
+                    self._done = True
+                    return self._value
                 self._proc.join()
                 self._conn.close()
                 self._proc = None

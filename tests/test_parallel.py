@@ -1,5 +1,6 @@
 """drivepriv.parallel: jobs fanned out over forked workers give what the serial loop gives."""
 
+import logging
 import os
 import signal
 
@@ -61,14 +62,28 @@ def test_a_background_job_runs_in_another_process_beside_this_one():
     assert inline.result() == os.getpid(), "workers=1 runs the job here, inside result()"
 
 
-def test_a_background_jobs_exception_or_death_reaches_the_caller():
+def test_a_background_jobs_exception_reaches_the_caller():
     def fails():
         raise ValueError("bad rollout seed")
 
     with pytest.raises(ValueError, match="bad rollout seed"):
         Background(fails, workers=2).result()
-    with pytest.raises(DriveprivError, match="background process running.*died.*--workers 1"):
-        Background(lambda: os.kill(os.getpid(), signal.SIGKILL), workers=2).result()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGSEGV])
+def test_a_background_job_whose_process_died_is_run_here_and_says_how_it_died(caplog, sig):
+    parent = os.getpid()
+
+    def dies_in_the_child(x):
+        if os.getpid() != parent:
+            os.kill(os.getpid(), sig)
+        return x * 2, os.getpid()
+
+    job = Background(dies_in_the_child, 21, workers=2)
+    with caplog.at_level(logging.WARNING, logger="drivepriv.parallel"):
+        assert job.result() == (42, parent)
+    assert f"dies_in_the_child died ({sig.name}" in caplog.text and "running it in this process instead" in caplog.text
+    assert job._proc is None and job.result() == (42, parent)
 
 
 def test_leaving_the_with_block_early_stops_the_background_job():
