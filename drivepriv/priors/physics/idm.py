@@ -65,39 +65,39 @@ class _IDMNeighbours:
         # Vehicle.on_state_update: lane_index is the closest lane; IDM looks for the front vehicle there
         cur = self._closest_lane(xy.reshape(-1, 2), heading.reshape(-1)).reshape(B, n)
 
-        def on(lane: Tensor, xy_me: Tensor, cand: Tensor, ok_: Tensor) -> tuple[Tensor, Tensor]:
-            """``Road.neighbour_vehicles`` on ``lane`` (m,) for vehicles at ``xy_me`` (m, 2) among ``cand`` (m, C, 2)."""
-            with torch.no_grad():  # a discrete choice: no gradient, so no graph over every pair
-                s_me = self.road.lane_frame(xy_me.detach(), lane)[0]
-                s_c, lat_c = self.road.lane_frame(cand.detach().reshape(-1, 2), lane.repeat_interleave(C))
-                return self._front(s_me, s_c.reshape(-1, C), lat_c.reshape(-1, C), lane, ok_)
-
-        def interaction(front: Tensor, has: Tensor) -> Tensor:
-            # IDMVehicle.acceleration: gap along the current lane (lane_distance_to), projected desired_gap
-            idx = front[..., None, None].expand(B, n, 1, 2)
-            xy_f = torch.gather(c_xy[:, None].expand(B, n, C, 2), 2, idx).squeeze(2)
-            vel_f = torch.gather(c_vel[:, None].expand(B, n, C, 2), 2, idx).squeeze(2)
-            s_f = self.road.lane_frame(xy_f.reshape(-1, 2), cur.reshape(-1))[0].reshape(B, n)
-            gap = s_f - s_me
-            dv = ((speed[..., None] * direction - vel_f) * direction).sum(-1)
-            ab = -IDM_COMFORT_ACC_MAX_MPS2 * IDM_COMFORT_ACC_MIN_MPS2
-            d_star = IDM_DISTANCE_WANTED_M + speed * IDM_TIME_WANTED_S + speed * dv / (2.0 * np.sqrt(ab))
-            return torch.where(has, (d_star / _not_zero(gap)) ** 2, torch.zeros_like(gap))
-
         s_me = self.road.lane_frame(xy.reshape(-1, 2), cur.reshape(-1))[0].reshape(B, n)
         cand = c_xy[:, None].expand(B, n, C, 2)
-        front, has = (x.reshape(B, n) for x in on(cur.reshape(-1), xy.reshape(-1, 2), cand.reshape(-1, C, 2), ok.reshape(-1, C)))
-        inter = interaction(front, has)
         # IDMVehicle.act: while lane_index != target_lane_index, also the front vehicle on the target
         # lane (the larger interaction wins); its gap is still measured along the current lane.
         # Only the few vehicles at a lane end are searched again.
         changing = target_lane != cur
-        if bool(changing.any()):
-            b, i = changing.nonzero(as_tuple=True)
-            front_t, has_t = on(target_lane[b, i], xy[b, i], cand[b, i], ok[b, i])
-            alt_front, alt_has = front.clone(), has.clone()
-            alt_front[b, i], alt_has[b, i] = front_t, has_t
-            inter = torch.where(changing, torch.maximum(inter, interaction(alt_front, alt_has)), inter)
+        b, i = changing.nonzero(as_tuple=True)
+        with torch.no_grad():  # Road.neighbour_vehicles, a discrete choice: no gradient, so no graph over every pair
+            # one lane query for all: rows 0 .. B n - 1 search each vehicle's current lane, the rows
+            # after them the changing vehicles' target lanes (the candidates' frames on each
+            # searched lane, then the changing vehicles' own frames on their target lanes)
+            lanes = torch.cat([cur.reshape(-1), target_lane[b, i]])
+            cands = torch.cat([cand.reshape(-1, C, 2), cand[b, i]]).reshape(-1, 2)
+            s_q, lat_q = self.road.lane_frame(torch.cat([cands, xy[b, i]]).detach(), torch.cat([lanes.repeat_interleave(C), target_lane[b, i]]))
+            k = len(lanes) * C
+            s_all = torch.cat([s_me.detach().reshape(-1), s_q[k:]])
+            found, has_all = self._front(s_all, s_q[:k].reshape(-1, C), lat_q[:k].reshape(-1, C), lanes, torch.cat([ok.reshape(-1, C), ok[b, i]]))
+
+        # IDMVehicle.acceleration against each row's front vehicle, all rows in one pass: the gap
+        # along the current lane (lane_distance_to), the projected desired_gap
+        rows = torch.cat([torch.arange(B * n), b * n + i])
+        scene = torch.div(rows, n, rounding_mode="floor")
+        xy_f, vel_f = c_xy[scene, found], c_vel[scene, found]
+        s_f = self.road.lane_frame(xy_f, cur.reshape(-1)[rows])[0]
+        gap = s_f - s_me.reshape(-1)[rows]
+        v, d = speed.reshape(-1)[rows], direction.reshape(-1, 2)[rows]
+        dv = ((v[..., None] * d - vel_f) * d).sum(-1)
+        ab = -IDM_COMFORT_ACC_MAX_MPS2 * IDM_COMFORT_ACC_MIN_MPS2
+        d_star = IDM_DISTANCE_WANTED_M + v * IDM_TIME_WANTED_S + v * dv / (2.0 * np.sqrt(ab))
+        term = torch.where(has_all, (d_star / _not_zero(gap)) ** 2, torch.zeros_like(gap))
+        inter = term[: B * n].reshape(B, n)
+        if len(b):
+            inter = inter.index_put((b, i), torch.maximum(inter[b, i], term[B * n :]))
         return inter, self._speed_limit.to(xy.dtype)[cur]
 
     def _idm_acceleration(
