@@ -65,7 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from drivepriv.attacks.base import lstsq
-from drivepriv.attacks.chain import Chain, Search
+from drivepriv.attacks.chain import Chain, Search, term_system
 from drivepriv.attacks.completion import Terms, complete_first_layer, deep_tolerance, full_rank, pattern_directions
 
 
@@ -253,15 +253,9 @@ def _certify_jointly(first: Search, xs: Tensor, gs: Tensor, search: Search, x_ne
     if full_rank(d0):
         Y0 = lstsq(d0.T, chain.layers[0].grad_matrix)
         x = Y0[:, :-1] / Y0[:, -1:]
-    else:  # from layer k's inputs: on each point's cell a_k = J x + c
-        J = torch.eye(chain.in_dim, dtype=torch.float64).expand(len(xs), -1, -1)
-        c = torch.zeros(len(xs), chain.in_dim, dtype=torch.float64)
-        for j in range(k):
-            W, b = chain.layers[j].weight, chain.layers[j].bias
-            m = masks[j].double()
-            J = m[..., None] * torch.einsum("ij,rjk->rik", W, J)
-            c = m * (c @ W.T + b)
-        x = lstsq(J, (Y[:, :-1] / t[:, None] - c)[..., None])[..., 0]
+    else:  # from layer k's inputs: on each point's cell [a_k, 1] = A_k [x, 1]
+        A = term_system(chain, masks, g)[1][k]
+        x = lstsq(A[:, :-1, :-1], (Y[:, :-1] / t[:, None] - A[:, :-1, -1])[..., None])[..., 0]
     _, pre_x = chain.forward(x)
     if any(bool(((z > 0) != m).any()) for z, m in zip(pre_x[:-1], masks)):
         return None  # a point left its cell

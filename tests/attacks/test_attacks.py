@@ -292,6 +292,17 @@ def test_the_last_terms_are_certified_jointly_where_peeling_errors_pile_up():
     x, g = exact._certify_jointly(first, xs, gs, last, near, n, 1e-9)
     assert (x - x_true).norm(dim=1).max() < 1e-5
     assert ((g - g_true).norm(dim=1) / g_true.norm(dim=1)).max() < 1e-5
+    # where the first layer cannot separate the terms, the inputs come from layer k's, on each cell
+    tested, real = [], exact.full_rank
+
+    def first_layer_merges_them(m):
+        tested.append(m.shape)
+        return len(tested) == 1 and real(m)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(exact, "full_rank", first_layer_merges_them)
+        x2, g2 = exact._certify_jointly(first, xs, gs, last, near, n, 1e-9)
+    assert len(tested) == 2 and (x2 - x_true).norm(dim=1).max() < 1e-5 and torch.equal(g2, g)
     # a point of another cell for the missing term: nothing is certified
     assert exact._certify_jointly(first, xs, gs, last, x_true[:1] + 0.3, n, 1e-9) is None
 
