@@ -131,9 +131,9 @@ class Background:
     block is left early. ``fn`` must seed its own random streams, as every drivepriv job does:
     then its result does not depend on the process it ran in. With ``workers=1`` (everything
     one after another) or where the platform cannot fork, ``fn`` runs inside :meth:`result`,
-    in this process; so it does, with a warning that says how, where the child died before
-    sending its result back (killed, or a library's state inherited across the fork gone bad):
-    the same value either way."""
+    in this process. So it does where the child died before sending its result back (killed,
+    or a library's state inherited across the fork gone bad), with a warning that says how it
+    died: the same value either way."""
 
     def __init__(self, fn: Callable[..., R], *args, workers: int = 0) -> None:
         self._fn, self._args = fn, args
