@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import platform
@@ -320,6 +321,11 @@ def run_eval(cfg: RunConfig, command: str = "", progress: bool = True, run_id: s
     with Background(attacker_rollouts, cfg, workers=cfg.workers) as rollouts:
         fed = train_federation(cfg, work, progress)
         stages = {"train": time.perf_counter() - t0}
+        if cfg.federation.engine == "flower" and not cfg.federation.ray_address:
+            # Processes forked from one that has just run Ray on this machine died at random (CI:
+            # the attacks' workers and the utility episodes, 4 of 7 runs of the Flower report
+            # test): the rest of a local Flower run stays in this process, one job after another.
+            cfg = dataclasses.replace(cfg, workers=1)
         with Background(evaluate_policy, cfg, fed.model, fed.algorithm, cfg.federation.eval_episodes, workers=cfg.workers) as utility:
             return attack_and_report(cfg, fed.model, fed.views, fed.truths, work, final_dir, progress, stages, rollouts, (fed.privacy, utility))
 
