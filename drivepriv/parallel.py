@@ -161,30 +161,31 @@ class Background:
 
     def result(self) -> R:
         if not self._done:
-            if self._proc is None:
-                self._value = self._fn(*self._args)
-            else:
-                try:
-                    kind, value = self._conn.recv()
-                except EOFError:  # it died before sending anything back: run it here instead
-                    self._proc.join()
-                    log.warning(
-                        "the background process running %s died (%s); running it in this process instead",
-                        getattr(self._fn, "__name__", "a job"),
-                        _death(self._proc.exitcode),
-                    )
-                    self.cancel()
-                    self._value = self._fn(*self._args)
-                    self._done = True
-                    return self._value
-                self._proc.join()
-                self._conn.close()
-                self._proc = None
-                if kind == "error":
-                    raise value
-                self._value = value
+            got = self._receive() if self._proc is not None else None
+            self._value = got[0] if got is not None else self._fn(*self._args)
             self._done = True
         return self._value
+
+    def _receive(self) -> tuple[R] | None:
+        """The child's value (as a 1-tuple; its exception is raised here), or None where it died
+        before sending anything back (then :meth:`result` runs the job here)."""
+        try:
+            kind, value = self._conn.recv()
+        except EOFError:
+            self._proc.join()
+            log.warning(
+                "the background process running %s died (%s); running it in this process instead",
+                getattr(self._fn, "__name__", "a job"),
+                _death(self._proc.exitcode),
+            )
+            self.cancel()
+            return None
+        self._proc.join()
+        self._conn.close()
+        self._proc = None
+        if kind == "error":
+            raise value
+        return (value,)
 
     def cancel(self) -> None:
         """Stop the child (if it still runs) without waiting for its result."""
