@@ -320,6 +320,30 @@ def term_system(chain: Chain, masks: list[Tensor], g: Tensor) -> tuple[list[Tens
 
 
 
+def term_grams(deltas: list[Tensor], A: list[Tensor]) -> list[Tensor]:
+    """Per layer, the Gram matrix (c (d+1), c (d+1)) of :func:`term_system`'s map to that
+    layer's gradient."""
+    c, _, d1 = A[0].shape
+    return [torch.einsum("pq,pki,qkj->piqj", delta @ delta.T, a, a).reshape(c * d1, c * d1) for delta, a in zip(deltas, A)]
+
+
+def term_gram(deltas: list[Tensor], A: list[Tensor]) -> Tensor:
+    """The Gram matrix (c (d+1), c (d+1)) of :func:`term_system`'s map (all layers)."""
+    grams = term_grams(deltas, A)
+    return sum(grams[1:], grams[0])
+
+
+def term_kernel(gram: Tensor, c: int, tol: float) -> Tensor:
+    """Per term, how far its block moves along the kernel of the column-normalised Gram matrix
+    (relative singular values below ``tol``): (c,), zero where the update determines it."""
+    scale = gram.diagonal().clamp_min(1e-300).rsqrt()
+    evals, evecs = torch.linalg.eigh(scale[:, None] * gram * scale[None, :])
+    kernel = evecs[:, evals < (tol**2) * evals[-1].clamp_min(1e-300)]
+    moved = kernel.reshape(c, -1, kernel.shape[1]).norm(dim=(1, 2)) if kernel.shape[1] else torch.zeros(c, dtype=torch.float64)
+    return moved
+
+
+
 def layer_ranks(model: nn.Module, params: dict[str, Tensor], gradient: dict[str, Tensor], n: int) -> dict[str, int]:
     """Per linear layer, how many distinct rank-one terms its gradient carries at float32
     resolution (at most n, the transitions behind the update; fewer where the update merges

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from drivepriv.attacks.base import lstsq
-from drivepriv.attacks.chain import Search, term_system
+from drivepriv.attacks.chain import Search, term_grams, term_kernel, term_system
 
 
 def pattern_directions(search: Search, points: Tensor, tol: float, max_flips: int = 12) -> Terms:
@@ -53,6 +53,7 @@ def pattern_directions(search: Search, points: Tensor, tol: float, max_flips: in
         first = masks[0].mean(0) > 0.5
         within |= masks[0].any(0).bool() & ~masks[0].all(0).bool() & live
         deeper = torch.unique(torch.cat(masks[1:], dim=1), dim=0)[:8]
+        deeper = torch.cat([deeper, _last_layer_flips(search, deeper, tol)])
         groups = [(first, list(torch.split(row, [m.shape[1] for m in masks[1:]])), None) for row in deeper]
     found = []
     for on, deep, action in groups:
@@ -73,6 +74,29 @@ def pattern_directions(search: Search, points: Tensor, tol: float, max_flips: in
         u = u[f, c]
         found.append(Terms(u / u.norm(dim=1, keepdim=True).clamp_min(1e-300), [m[f] for m in masks_f], g[f, c]))
     return Terms.cat(found) if found else none
+
+
+
+def _last_layer_flips(search: Search, deeper: Tensor, tol: float, limit: int = 8) -> Tensor:
+    """Deeper patterns (rows of every hidden layer's pattern but the first, concatenated) with
+    one unit of the last hidden layer flipped, kept where the direction they give there lies in
+    that layer's column space for some output: a sample whose last-layer pattern no point of the
+    attacker's shares (measured: round 199 of the default merge run, one unit off for one
+    sample of a batch) has its term among them. Spurious flips pass too (a unit whose basis
+    vector lies in the column space passes with every output); the completion sorts them out."""
+    last = search.last_hidden
+    H = search.chain.layers[last].weight.shape[0]
+    if last == 0 or not len(deeper) or search.rank[last] == 0:
+        return deeper[:0]
+    flips = deeper[:, None, :].repeat(1, H, 1)  # (R, H, width of the deeper rows)
+    units = torch.arange(H)
+    flips[:, units, deeper.shape[1] - H + units] = 1.0 - flips[:, units, deeper.shape[1] - H + units]
+    flips = flips.reshape(-1, deeper.shape[1])
+    lastmask = flips[:, -H:]
+    res, _, _ = search.map_directions(search.pattern_maps([lastmask] * (last + 1), last), last)
+    new = torch.unique(flips[(res < tol).any(1)], dim=0)
+    known = (new[:, None, :] == deeper[None]).all(2).any(1)
+    return new[~known][:limit]
 
 
 
@@ -251,6 +275,89 @@ def complete_first_layer(search: Search, x: Tensor, tol: float, gen: torch.Gener
         else:
             return fallback or partial
     return fallback or partial
+
+
+
+def complete_dependent(search: Search, x: Tensor, tol: float, dirs: Terms | None = None, max_terms: int = 32) -> list[tuple[Tensor, Tensor]]:
+    """The terms the update determines where its first-layer terms are linearly dependent
+    (more classes of samples than the first layer's rank), so that no r of them decompose it
+    and :func:`complete_first_layer` finds nothing.
+
+    Measured on a trained merge network (round 199 of the default run): one unit flips inside
+    two groups of samples that share an action, so the groups' terms differ by the same
+    direction and six terms span five dimensions. With every candidate term's patterns and
+    output fixed, the update is linear in the terms' weighted sums ``y_j = sum_s c_s [x_s, 1]``
+    (:func:`~drivepriv.attacks.chain.term_system`), at every layer: the deeper layers tell the
+    dependent terms apart where the first cannot. The candidates (the points' terms and the
+    enumerated ``dirs``) are solved together by least squares; where they reproduce every
+    layer's gradient of the update, candidates are dropped one at a time (the least hit first)
+    while the rest still do as well, down to a set none of which can go. On that set, a term no
+    direction of the map's kernel moves is determined (as
+    :func:`drivepriv.metrics.identifiability.determined_transitions` counts with the truth);
+    where its input ``y_j[:-1] / y_j[-1]`` lies in the cell of the patterns it was taken with, it
+    is a sample (a merged class of samples whose weights have both signs lies outside it).
+    Returns those samples with their output gradients at scale (empty where the candidates do
+    not reproduce the update)."""
+    if search.rank[0] == 0:
+        return []
+    terms = Terms.of_points(search, x, tol)
+    if dirs is not None:
+        terms = Terms.cat([dirs, terms])
+    # one candidate per (patterns, output): two terms' first-layer directions can agree to 1e-6
+    # where a deeper layer tells them apart (a flip of `_last_layer_flips`: merge, round 199)
+    _, inverse, hits_t = torch.unique(torch.cat(terms.masks + [terms.g], dim=1), dim=0, return_inverse=True, return_counts=True)
+    first = torch.full((len(hits_t),), len(terms), dtype=torch.long).scatter_reduce(0, inverse, torch.arange(len(terms)), "amin")
+    order = torch.argsort(first)
+    terms, hits = terms.take(first[order]), hits_t[order].tolist()
+    c = len(terms)
+    if c <= search.rank[0] or c > max_terms:
+        return []
+    chain = search.chain
+    deltas, A = term_system(chain, terms.masks, terms.g)
+    d1 = chain.in_dim + 1
+    grams = term_grams(deltas, A)
+    rhs = [torch.einsum("pk,kq,pqd->pd", delta, g, a).reshape(-1) for delta, g, a in zip(deltas, search.grads, A)]
+    sq = [float((g**2).sum()) for g in search.grads]
+    deep_tol = deep_tolerance(tol)
+
+    def solve(keep: list[int]) -> tuple[Tensor, Tensor, float]:
+        idx = (torch.tensor(keep)[:, None] * d1 + torch.arange(d1)).reshape(-1)
+        G = sum(gr[idx][:, idx] for gr in grams)
+        b = sum(r[idx] for r in rhs)
+        scale = G.diagonal().clamp_min(1e-300).rsqrt()
+        evals, evecs = torch.linalg.eigh(scale[:, None] * G * scale[None, :])
+        on = evals > 1e-12 * evals[-1].clamp_min(1e-300)
+        y = scale * (evecs[:, on] @ ((evecs[:, on].T @ (scale * b)) / evals[on]))
+        worst = max(
+            max(s2 - 2.0 * float(y @ r[idx]) + float(y @ (gr[idx][:, idx] @ y)), 0.0) ** 0.5 / max(s2**0.5, 1e-300)
+            for gr, r, s2 in zip(grams, rhs, sq)
+        )
+        return y.reshape(len(keep), d1), G, worst
+
+    keep = list(range(c))
+    y, G, worst = solve(keep)
+    if worst > deep_tol:
+        return []
+    # a candidate goes where the rest reproduce the update as well as all of them do (a true
+    # term with a small weight can sit within the tolerance of the update, not of that fit)
+    bound = min(deep_tol, 1.1 * worst + 1e-8)
+    for t in sorted(range(c), key=lambda i: hits[i]):  # stable: the least hit first
+        trial = [i for i in keep if i != t]
+        if len(trial) < search.rank[0]:
+            break
+        y2, G2, w2 = solve(trial)
+        if w2 <= bound:
+            keep, y, G = trial, y2, G2
+    moved = term_kernel(G, len(keep), 1e-6)
+    t_scale = y[:, -1]
+    xs = y[:, :-1] / torch.where(t_scale.abs() < 1e-300, torch.ones_like(t_scale), t_scale)[:, None]
+    _, pre = chain.forward(xs)
+    found = []
+    for j, term in enumerate(keep):
+        in_cell = all(bool(((z[j] > 0).double() == m[term]).all()) for z, m in zip(pre[:-1], terms.masks))
+        if float(moved[j]) < 1e-3 and in_cell and float(t_scale[j].abs()) >= 1e-300:
+            found.append((xs[j], terms.g[term] * t_scale[j]))
+    return found
 
 
 

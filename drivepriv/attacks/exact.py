@@ -47,6 +47,12 @@ Batches in Federated Learning", arXiv 2403.03945) disaggregates; we use it this 
    cell each layer's input is affine in the input, so a term's weighted sums follow from its
    row alone); each term whose input then lies in its own cell is a sample. Terms that do not
    (samples of one term whose weights have both signs) are what the update cannot split.
+6. **Dependent terms.** Where a unit flips inside several groups of samples that share an
+   action, the groups' terms differ by the same direction and the first layer carries fewer
+   independent terms than classes of samples: no r terms decompose the update. The candidate
+   terms are then solved together at every layer, the superfluous ones dropped, and the
+   terms that set of terms determines (no direction of its kernel moves them) are certified
+   (:func:`drivepriv.attacks.completion.complete_dependent`).
 
 What the update provably cannot separate (two transitions with the same action and every ReLU
 pattern, or duplicates) shows as a rank deficit; :func:`drivepriv.attacks.chain.layer_ranks` measures it, and
@@ -66,7 +72,7 @@ from torch import Tensor, nn
 
 from drivepriv.attacks.base import lstsq
 from drivepriv.attacks.chain import Chain, Search, term_system
-from drivepriv.attacks.completion import Terms, complete_first_layer, deep_tolerance, full_rank, pattern_directions
+from drivepriv.attacks.completion import Terms, complete_dependent, complete_first_layer, deep_tolerance, full_rank, pattern_directions
 
 
 @dataclass
@@ -179,6 +185,18 @@ def recover_exact(
         contrib = chain.per_sample_gradients(xs, gs)
         grads = [g - torch.cat([cw, cb[:, None]], dim=1) for g, (cw, cb) in zip(grads, contrib)]
         remaining -= len(chosen)
+    if remaining and not completed and first is not None and first.rank[0] < n:
+        # No r terms decompose the update: its terms may be dependent at the first layer. A set
+        # of candidate terms that reproduces every layer's gradient is a stronger certificate
+        # than each Newton point's own tests (on trained-like networks some of those pass off
+        # the samples), so where one is found its determined terms replace what peeling found.
+        dependent = complete_dependent(first, torch.cat(pool), tol, enumerated)
+        if dependent:
+            stats["dependent"] = float(len(dependent))
+            found_x, found_g = [torch.stack([c[0] for c in dependent])], [torch.stack([c[1] for c in dependent])]
+            contrib = chain.per_sample_gradients(found_x[0], found_g[0])
+            grads = [layer.grad_matrix - torch.cat([cw, cb[:, None]], dim=1) for layer, (cw, cb) in zip(chain.layers, contrib)]
+            completed = True
     if remaining and found_x and not completed and first is not None and last is not None:
         joint = _certify_jointly(first, torch.cat(found_x), torch.cat(found_g), *last, n, tol)
         if joint is not None:

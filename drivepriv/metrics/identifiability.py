@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from drivepriv.attacks.chain import Chain, term_system
+from drivepriv.attacks.chain import Chain, term_gram, term_kernel, term_system
 
 
 def _pattern_classes(model: nn.Module, params: dict[str, Tensor], states: np.ndarray, actions: np.ndarray | None):
@@ -71,22 +71,3 @@ def determined_transitions(model: nn.Module, params: dict[str, Tensor], states: 
     deltas, A = term_system(chain, [m[reps] for m in masks], g)
     moved = term_kernel(term_gram(deltas, A), len(reps), tol)
     return float(sum(1 for c, members in enumerate(classes) if len(members) == 1 and float(moved[c]) < 1e-3))
-
-
-def term_gram(deltas: list[Tensor], A: list[Tensor]) -> Tensor:
-    """The Gram matrix (c (d+1), c (d+1)) of ``drivepriv.attacks.chain.term_system``'s map."""
-    c, _, d1 = A[0].shape
-    gram = torch.zeros(c * d1, c * d1, dtype=torch.float64)
-    for delta, a in zip(deltas, A):
-        gram += torch.einsum("pq,pki,qkj->piqj", delta @ delta.T, a, a).reshape(c * d1, c * d1)
-    return gram
-
-
-def term_kernel(gram: Tensor, c: int, tol: float) -> Tensor:
-    """Per term, how far its block moves along the kernel of the column-normalised Gram matrix
-    (relative singular values below ``tol``): (c,), zero where the update determines it."""
-    scale = gram.diagonal().clamp_min(1e-300).rsqrt()
-    evals, evecs = torch.linalg.eigh(scale[:, None] * gram * scale[None, :])
-    kernel = evecs[:, evals < (tol**2) * evals[-1].clamp_min(1e-300)]
-    moved = kernel.reshape(c, -1, kernel.shape[1]).norm(dim=(1, 2)) if kernel.shape[1] else torch.zeros(c, dtype=torch.float64)
-    return moved

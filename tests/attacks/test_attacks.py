@@ -388,3 +388,25 @@ def test_determined_transitions_bound_what_the_update_fixes():
     inp, truth, _ = setup_case(8, seed=6, replay=True, model=trained_like_network(6, cutting=2))
     assert separable_transitions(inp.model, inp.params, truth.states, truth.actions) == 8
     assert determined_transitions(inp.model, inp.params, truth.states, truth.actions) == 3
+
+
+def test_rgia_k_certifies_what_the_update_determines_where_its_terms_are_dependent():
+    """On a trained-like network where two units cut through the batch, a unit's flip adds the
+    same direction to several terms: the first layer's rank is below the batch size although
+    every transition has its own (action, patterns), so no r terms decompose the update and the
+    first-layer completion finds nothing. The terms are then solved together at every layer
+    (``completion.complete_dependent``): what the update determines is certified, from the
+    observation box alone, and each certified state is a true one."""
+    from drivepriv.attacks import exact
+    from drivepriv.attacks.chain import layer_ranks
+    from drivepriv.metrics.identifiability import determined_transitions
+
+    inp, truth, codec = setup_case(8, seed=6, replay=True, model=trained_like_network(6, cutting=2))
+    grad = dict(zip(inp.params, inp.gradient))
+    assert list(layer_ranks(inp.model, inp.params, grad, 8).values())[0] < 8  # the case under test
+    assert determined_transitions(inp.model, inp.params, truth.states, truth.actions) == 3
+    low, high = codec.box()
+    res = exact.recover_exact(inp.model, inp.params, grad, 8, (np.asarray(low).reshape(-1), np.asarray(high).reshape(-1)), seed=0, one_hot=True)
+    assert res.stats.get("dependent", 0) >= 2, res.stats
+    dist = np.linalg.norm(res.states[:, None] - truth.states.reshape(1, 8, -1), axis=2).min(1)
+    assert len(res.states) >= 2 and (dist < 1e-3).all(), dist
