@@ -119,7 +119,7 @@ class Search:
     """One peeling round: the layers' spaces at their numerical ranks, the batched active-set
     Newton search and the certification tests (see the module docstring)."""
 
-    def __init__(self, chain: Chain, grads: list[Tensor], n: int, floor: float = 1e-7, one_hot: bool = False, tol: float = 1e-9) -> None:
+    def __init__(self, chain: Chain, grads: list[Tensor], n: int, floor: float = 1e-7, one_hot: bool = False, tol: float = 1e-9, every_layer: bool = False) -> None:
         self.chain = chain
         self.n_out = chain.layers[-1].weight.shape[0]
         #: every sample's output gradient lies along one output (DQN: dL/dQ is non-zero at the
@@ -140,9 +140,14 @@ class Search:
         # share their action and that layer's patterns onward, their output gradients there are
         # parallel and the row space holds only their weighted sums, not each input: such a
         # layer is no condition on one sample (a trained network's last hidden layer, often).
+        # ``every_layer``: the layers below that rank too. Their row spaces still hold the
+        # input of every sample whose output gradient no other sample's parallels there (one
+        # pair of an untrained 64-wide network's batch sharing the last hidden layer's pattern
+        # and action takes that layer out otherwise, and with it every condition beyond the
+        # first layer's subspace): a condition on those samples, not on the merged ones.
         room = [self.rank[k] for k, (_, _, vh) in enumerate(self.svd) if 0 < self.rank[k] < vh.shape[1]]
         self.separated = max(room, default=0)
-        self.row = {k: vh[: self.rank[k]] for k, (_, _, vh) in enumerate(self.svd) if 0 < self.rank[k] < vh.shape[1] and self.rank[k] == self.separated}
+        self.row = {k: vh[: self.rank[k]] for k, (_, _, vh) in enumerate(self.svd) if 0 < self.rank[k] < vh.shape[1] and (every_layer or self.rank[k] == self.separated)}
         d = chain.in_dim
         _, _, vh0 = self.svd[0]
         corank = sum(vh.shape[1] - self.rank[k] for k, (_, _, vh) in enumerate(self.svd) if k in self.row and k > 0)

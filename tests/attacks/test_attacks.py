@@ -410,3 +410,26 @@ def test_rgia_k_certifies_what_the_update_determines_where_its_terms_are_depende
     assert res.stats.get("dependent", 0) >= 2, res.stats
     dist = np.linalg.norm(res.states[:, None] - truth.states.reshape(1, 8, -1), axis=2).min(1)
     assert len(res.states) >= 2 and (dist < 1e-3).all(), dist
+
+
+def test_rgia_k_searches_every_layer_where_the_largest_rank_alone_certifies_nothing():
+    """An untrained 64-wide network (merge's federation, first update): two transitions share
+    the last hidden layer's pattern and action, so that layer carries one term fewer than the
+    batch and its row space is no condition on those two; searched at the largest rank alone
+    (the first layer's subspace) nothing is certified. The other transitions satisfy the lower
+    layer's row space too: searched with it, they are certified, and then the rest."""
+    from tests.attacks.cases import federation_case
+    from drivepriv import pipeline
+    from drivepriv.attacks import exact
+
+    priors, truth, inp = federation_case("merge", 8, rounds=1, seed=1, **{"agent.hidden_sizes": [64, 64]})
+    grad = dict(zip(inp.params, inp.gradient))
+    low, high = priors.codec.box()
+    box = (np.asarray(low).reshape(-1), np.asarray(high).reshape(-1))
+    res = exact.recover_exact(inp.model, inp.params, grad, 8, box, seed=0, one_hot=True)
+    assert res.stats.get("every_layer") == 1.0, res.stats  # the first search certified nothing
+    dist = np.linalg.norm(res.states[:, None] - truth.states.reshape(1, 8, -1), axis=2).min(1)
+    assert len(res.states) == 8 and (dist < 1e-3).all(), dist
+    rec = make_attack("rgia-k").run(inp, seed=0)
+    m, _ = pipeline.score_any(truth, rec, priors.codec)
+    assert rec.extra["states_found"] == 8 and m["ego_within_1m"] == 1.0, (rec.extra, m)
