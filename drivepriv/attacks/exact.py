@@ -110,9 +110,9 @@ def recover_exact(
     -delta / lr). ``box`` (low, high) bounds the observation (flattened); starts are drawn in it.
     ``starts`` (m, d) are extra starting points. ``one_hot``: every sample's output gradient
     is non-zero at one output only (DQN's TD loss). ``every_layer``: the search's conditions
-    include the row spaces of the layers below the largest rank (``Search``); where the
-    recovery certifies nothing without them and such a layer has at least half that rank, it is
-    run again with them. Deterministic for a given seed.
+    include the row spaces of the layers below the largest rank (``Search``); with one-hot
+    outputs, where the recovery certifies nothing without them and such a layer has at least
+    half that rank, it is run again with them. Deterministic for a given seed.
     """
     chain = Chain(model, params, gradient)
     n_out = chain.layers[-1].weight.shape[0]
@@ -189,12 +189,13 @@ def recover_exact(
         contrib = chain.per_sample_gradients(xs, gs)
         grads = [g - torch.cat([cw, cb[:, None]], dim=1) for g, (cw, cb) in zip(grads, contrib)]
         remaining -= len(chosen)
-    if remaining and not completed and first is not None and first.rank[0] < n:
+    if one_hot and remaining and not completed and first is not None and first.rank[0] < n:
         # No r terms decompose the update: its terms may be dependent at the first layer. Where
         # a set of candidate terms that reproduces every layer's gradient determines more terms
         # than peeling certified, they replace what peeling found (on trained-like networks
-        # some Newton points pass their own tests off the samples; on TD3's critics of a
-        # MetaDrive batch, peeling certified 7 where the set determined 3: kept).
+        # some Newton points pass their own tests off the samples). One-hot outputs (DQN)
+        # only: on TD3's critics (metadrive-ramp's default run, seed 0) this and the
+        # every-layer search below moved two batches from 7 and 0 certified to 3 and 3.
         dependent = complete_dependent(first, torch.cat(pool), tol, enumerated)
         if len(dependent) > sum(len(x) for x in found_x):
             stats["dependent"] = float(len(dependent))
@@ -211,7 +212,7 @@ def recover_exact(
             grads = [layer.grad_matrix - torch.cat([cw, cb[:, None]], dim=1) for layer, (cw, cb) in zip(chain.layers, contrib)]
     left = float(torch.sqrt(sum((g**2).sum() for g in grads))) / max(total_norm, 1e-300)
     if not found_x:
-        if not every_layer and first is not None and any(first.separated / 2 <= r < vh.shape[1] and k not in first.row for k, (r, (_, _, vh)) in enumerate(zip(first.rank, first.svd))):
+        if one_hot and not every_layer and first is not None and any(first.separated / 2 <= r < vh.shape[1] and k not in first.row for k, (r, (_, _, vh)) in enumerate(zip(first.rank, first.svd))):
             # Measured: an untrained 64-wide network, B = 8 and 16, a pair sharing the last
             # hidden layer's pattern and action; the other samples satisfy its row space too.
             # Not where that layer's rank is below half the largest (most samples in groups:
