@@ -322,15 +322,16 @@ def complete_dependent(search: Search, x: Tensor, tol: float, dirs: Terms | None
 
     def solve(keep: list[int]) -> tuple[Tensor, Tensor, float]:
         idx = (torch.tensor(keep)[:, None] * d1 + torch.arange(d1)).reshape(-1)
-        G = sum(gr[idx][:, idx] for gr in grams)
+        sub = [gr[idx][:, idx] for gr in grams]  # each layer's Gram matrix on the kept terms
+        G = sum(sub)
         b = sum(r[idx] for r in rhs)
         scale = G.diagonal().clamp_min(1e-300).rsqrt()
         evals, evecs = torch.linalg.eigh(scale[:, None] * G * scale[None, :])
         on = evals > 1e-12 * evals[-1].clamp_min(1e-300)
         y = scale * (evecs[:, on] @ ((evecs[:, on].T @ (scale * b)) / evals[on]))
         worst = max(
-            max(s2 - 2.0 * float(y @ r[idx]) + float(y @ (gr[idx][:, idx] @ y)), 0.0) ** 0.5 / max(s2**0.5, 1e-300)
-            for gr, r, s2 in zip(grams, rhs, sq)
+            max(s2 - 2.0 * float(y @ r[idx]) + float(y @ (gs @ y)), 0.0) ** 0.5 / max(s2**0.5, 1e-300)
+            for gs, r, s2 in zip(sub, rhs, sq)
         )
         return y.reshape(len(keep), d1), G, worst
 
