@@ -10,7 +10,9 @@ its clients are attacked by every attack, so all attacks see the same gradients.
 <out>/attacks.md (median over seeds and clients, with the 25th-75th percentile of the ego
 position error; for flat observations, MetaDrive and control tasks, of the state RMSE, with
 the dynamics residual: the simulator stepped from the reconstructed (s, a) against the
-reconstructed s'), and prints the tables. An attack written ``rgia[dynamics=0]`` is rgia with
+reconstructed s', and per feature group the share of transitions within the run's tolerance:
+1 m, 0.5 m/s, 0.1 rad...; rgia-k's rows with how many transitions it certified per batch),
+and prints the tables. An attack written ``rgia[dynamics=0]`` is rgia with
 that regularizer weight changed (an ablation row). Rows are appended to
 <out>/attacks.partial.<scenario>.csv as they come.
 """
@@ -21,12 +23,14 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from drivepriv.attacks import make_attack
 from drivepriv.config import apply_overrides, parse_override
 from drivepriv.federation.inprocess import resolve_attacked
 from drivepriv.federation.run import run_federation
+from drivepriv.metrics.leakage import DEFAULT_TOLERANCE, UNIT_TOLERANCE
 from drivepriv.pipeline import DynamicsResidual, attack_input, build_priors, score_any
 from drivepriv.scenarios import load_scenario
 from drivepriv.seeding import derive_seed
@@ -76,6 +80,8 @@ def run(args: argparse.Namespace, partial: Path) -> pd.DataFrame:
                         m, perm = score_any(truth, rec, codec)
                         m["dyn_residual"] = residual_of(rec.states[perm], rec.actions[perm], rec.next_states[perm])
                         m["dyn_residual_truth"] = truth_residual
+                        m.update(within_shares(truth, rec, perm, codec))
+                        m["certified"] = rec.extra.get("states_found", float("nan"))
                         rows.append({"scenario": scenario, "batch_size": b, "attack": name, "seed": seed, "client": view.client, **m, "time_s": rec.time_s})
                         part = partial.with_name(f"{partial.stem}.{scenario}.csv")  # columns differ by scenario
                         pd.DataFrame(rows[-1:]).to_csv(part, mode="a", header=not part.exists(), index=False)
@@ -83,6 +89,26 @@ def run(args: argparse.Namespace, partial: Path) -> pd.DataFrame:
                         print(f"{scenario} B={b} seed={seed} client={view.client} {name}: {head} {m[head]:.3g}, {rec.time_s:.1f} s", file=sys.stderr)
                 residual_of.close()
     return pd.DataFrame(rows)
+
+
+def within_shares(truth, rec, perm: np.ndarray, codec) -> dict[str, float]:
+    """Flat observations (MetaDrive, control tasks): per scored feature group, the share of the
+    batch's transitions whose error is within the run's tolerance for its unit (the leakage
+    table's: 1 m, 0.5 m/s, 0.1 rad, ...; see :mod:`drivepriv.metrics.leakage`), as
+    ``<group>_within``. NaN where no transition has anything to score (a lidar that sees no
+    object)."""
+    if not codec.flat:
+        return {}
+    n = len(perm)
+    t = np.asarray(truth.states).reshape(n, -1)
+    r = np.asarray(rec.states)[perm].reshape(n, -1)
+    units = codec.scored_groups()
+    out = {}
+    for g, err in codec.group_errors(t, r).items():
+        err = err[np.isfinite(err)]
+        tol = UNIT_TOLERANCE.get(units[g], DEFAULT_TOLERANCE)
+        out[f"{g}_within"] = float((err <= tol).mean()) if err.size else float("nan")
+    return out
 
 
 def table(df: pd.DataFrame) -> str:
@@ -123,26 +149,38 @@ def _physical(g: pd.DataFrame) -> str:
     return "; ".join(out)
 
 
+def _within(g: pd.DataFrame) -> str:
+    """Mean over batches of the share of transitions within tolerance, per feature group (the
+    headline groups first; empty for CSVs written before these columns)."""
+    cols = [c for c in g.columns if c.endswith("_within") and g[c].notna().any()]
+    return "; ".join(f"{c[: -len('_within')].replace('_', ' ')} {g[c].mean():.2f}" for c in cols)
+
+
+def _certified(g: pd.DataFrame) -> str:
+    """Mean number of transitions the attack certified per batch (rgia-k; blank for the others)."""
+    return f"{g['certified'].mean():.1f}" if "certified" in g and g["certified"].notna().any() else ""
+
+
 def _vector_table(df: pd.DataFrame) -> str:
     lines = [
-        "| scenario | B | attack | state RMSE [p25, p75] | physical units (medians) | next state RMSE | dynamics residual (truth) | reward err. | action | time (s) | seeds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| scenario | B | attack | state RMSE [p25, p75] | physical units (medians) | within tolerance (share) | next state RMSE | dynamics residual (truth) | reward err. | action | certified | time (s) | seeds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = {s: i for i, s in enumerate(pd.unique(df["scenario"]))}
     df = df.assign(_order=df["scenario"].map(order)).sort_values(["_order", "batch_size"], kind="stable")
     for (scenario, b, attack), g in df.groupby(["scenario", "batch_size", "attack"], sort=False):
         lines.append(
-            f"| {scenario} | {b} | {attack} | {_q(g['state_rmse'])} | {_physical(g)} | {g['next_state_rmse'].median():.3g} | "
+            f"| {scenario} | {b} | {attack} | {_q(g['state_rmse'])} | {_physical(g)} | {_within(g)} | {g['next_state_rmse'].median():.3g} | "
             f"{g['dyn_residual'].median():.3g} ({g['dyn_residual_truth'].median():.2g}) | {g['reward_abs_err'].median():.3g} | "
-            f"{_action(g)} | {g['time_s'].median():.2f} | {','.join(str(s) for s in sorted(g['seed'].unique()))} |"
+            f"{_action(g)} | {_certified(g)} | {g['time_s'].median():.2f} | {','.join(str(s) for s in sorted(g['seed'].unique()))} |"
         )
     return "\n".join(lines)
 
 
 def _kinematics_table(df: pd.DataFrame) -> str:
     lines = [
-        "| scenario | B | attack | ego position (m) [p25, p75] | within 1 m | neighbours (m) | next state (m) | reward err. | action | time (s) | seeds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| scenario | B | attack | ego position (m) [p25, p75] | within 1 m | neighbours (m) | next state (m) | reward err. | action | certified | time (s) | seeds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = {s: i for i, s in enumerate(pd.unique(df["scenario"]))}
     df = df.assign(_order=df["scenario"].map(order)).sort_values(["_order", "batch_size"], kind="stable")
@@ -151,7 +189,7 @@ def _kinematics_table(df: pd.DataFrame) -> str:
         lines.append(
             f"| {scenario} | {b} | {attack} | {e.median():.3g} [{e.quantile(0.25):.3g}, {e.quantile(0.75):.3g}] | "
             f"{g['ego_within_1m'].mean():.2f} | {g['neighbour_pos_err_m'].median():.3g} | {g['next_state_err_m'].median():.3g} | "
-            f"{g['reward_abs_err'].median():.3g} | {_action(g)} | {g['time_s'].median():.2f} | "
+            f"{g['reward_abs_err'].median():.3g} | {_action(g)} | {_certified(g)} | {g['time_s'].median():.2f} | "
             f"{','.join(str(s) for s in sorted(g['seed'].unique()))} |"
         )
     return "\n".join(lines)
