@@ -249,6 +249,7 @@ class RGIAKAttack(RGIAAttack):
             restarts=int(self.settings.get("search_restarts", 512)),
             one_hot=not ppo.is_ppo(inp),  # DQN: dL/dQ is non-zero at the action taken only
             sample_output_grad=float("inf") if ppo.is_ppo(inp) else 1.0 / inp.batch_size,  # DQN's Huber loss: |dL/dQ| <= 1 / B
+            one_step=inp.local_steps == 1,
         )
         k = len(res.states)
         explained = k > 0 and res.residual_norm < 1e-3
