@@ -98,7 +98,9 @@ def served_report(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     from drivepriv.cli import main
 
     out = tmp_path_factory.mktemp("browser-report")
-    assert main(["eval", "--scenario", "merge", "--quick", "--out", str(out), "--no-progress"]) == 0
+    # one process: the page is under test here, not the fan-out (tests/test_parallel covers it);
+    # forked from the long test session, a worker of the pool died twice in .ci/run (2026-12-07)
+    assert main(["eval", "--scenario", "merge", "--quick", "--out", str(out), "--no-progress", "--workers", "1"]) == 0
     pages = sorted(out.glob("merge/*/report.html"))
     assert len(pages) == 1, f"expected one report under {out}/merge, found {pages}"
     run_dir = pages[0].parent
