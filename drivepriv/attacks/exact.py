@@ -122,9 +122,9 @@ def recover_exact(
     (max norm) of one sample (DQN's Huber loss: ``1 / B``). A term merges at most
     ``n - r + 1`` samples (r: the first layer's rank, at most the number of terms), so a Newton
     point whose exact scale exceeds that many samples' is no sample. ``one_step``: the update is
-one gradient (FedSGD, or FedAvg with one local step), so each term has one scale at every
-layer; under several local steps the layers hold terms at different parameters and DQN's
-tests (one output, the bound, one scale) are not applied. Deterministic for a given seed.
+    one gradient (FedSGD, or FedAvg with one local step), so each term has one scale at every
+    layer; under several local steps the layers hold terms at different parameters and DQN's
+    tests (one output, the bound, one scale) are not applied. Deterministic for a given seed.
     """
     chain = Chain(model, params, gradient)
     n_out = chain.layers[-1].weight.shape[0]
@@ -186,9 +186,7 @@ tests (one output, the bound, one scale) are not applied. Deterministic for a gi
             stats[f"round{rounds}_completed"] = float(len(complete))
             found_x = [torch.stack([c[0] for c in complete])]
             found_g = [torch.stack([c[1] for c in complete])]
-            grads = [layer.grad_matrix.clone() for layer in chain.layers]
-            contrib = chain.per_sample_gradients(found_x[0], found_g[0])
-            grads = [g - torch.cat([cw, cb[:, None]], dim=1) for g, (cw, cb) in zip(grads, contrib)]
+            grads = _peeled(chain, [layer.grad_matrix for layer in chain.layers], found_x[0], found_g[0])
             completed = True
             break
         # DQN's own tests need one gradient: under several local steps the deeper layers hold
@@ -196,7 +194,7 @@ tests (one output, the bound, one scale) are not applied. Deterministic for a gi
         # K = 2, B = 8, after 4 rounds: 4 of 8 certified in the first round instead of 8, 3x the time)
         dqn_tests = one_hot and one_step
         bound = sample_output_grad * (n - first.rank[0] + 1) if dqn_tests else float("inf")
-        chosen = _newton_certified(search, x_newton, tol, remaining - tentative, bound, one_output=dqn_tests, same_scale=dqn_tests)
+        chosen = _newton_certified(search, x_newton, tol, remaining - tentative, bound, dqn=dqn_tests)
         certified = bool(chosen)
         if not chosen and dqn_tests:
             # Nothing certified, and the pool gave no completion: points that pass the tests with
@@ -204,13 +202,12 @@ tests (one output, the bound, one scale) are not applied. Deterministic for a gi
             # tentatively, so that the next round's search lands in other cells. Their points only
             # join the completion's pool; nothing is certified from them. (Measured on untrained
             # 64-wide networks, B = 8, seeds 1, 2 and 5: the completion then finds all 8.)
-            chosen = _newton_certified(search, x_newton, tol, remaining - tentative, one_output=False)
+            chosen = _newton_certified(search, x_newton, tol, remaining - tentative)
         if not chosen:
             break
         xs = torch.stack([c[0] for c in chosen])
         gs = torch.stack([c[1] for c in chosen])
-        contrib = chain.per_sample_gradients(xs, gs)
-        grads = [g - torch.cat([cw, cb[:, None]], dim=1) for g, (cw, cb) in zip(grads, contrib)]
+        grads = _peeled(chain, grads, xs, gs)
         if not certified:
             stats[f"round{rounds}_tentative"] = float(len(chosen))
             tentative += len(chosen)
@@ -223,8 +220,7 @@ tests (one output, the bound, one scale) are not applied. Deterministic for a gi
     if tentative and not completed:  # what is left of the update: the certified terms' only
         grads = [layer.grad_matrix.clone() for layer in chain.layers]
         if found_x:
-            contrib = chain.per_sample_gradients(torch.cat(found_x), torch.cat(found_g))
-            grads = [g - torch.cat([cw, cb[:, None]], dim=1) for g, (cw, cb) in zip(grads, contrib)]
+            grads = _peeled(chain, grads, torch.cat(found_x), torch.cat(found_g))
     if one_hot and remaining and not completed and first is not None and first.rank[0] < n:
         # No r terms decompose the update: its terms may be dependent at the first layer. Where
         # a set of candidate terms that reproduces every layer's gradient determines more terms
@@ -236,16 +232,14 @@ tests (one output, the bound, one scale) are not applied. Deterministic for a gi
         if len(dependent) > sum(len(x) for x in found_x):
             stats["dependent"] = float(len(dependent))
             found_x, found_g = [torch.stack([c[0] for c in dependent])], [torch.stack([c[1] for c in dependent])]
-            contrib = chain.per_sample_gradients(found_x[0], found_g[0])
-            grads = [layer.grad_matrix - torch.cat([cw, cb[:, None]], dim=1) for layer, (cw, cb) in zip(chain.layers, contrib)]
+            grads = _peeled(chain, [layer.grad_matrix for layer in chain.layers], found_x[0], found_g[0])
             completed = True
     if remaining and found_x and not completed and first is not None and last is not None:
         joint = _certify_jointly(first, torch.cat(found_x), torch.cat(found_g), *last, n, tol)
         if joint is not None:
             stats["joint"] = float(len(joint[0]))
             found_x, found_g = [joint[0]], [joint[1]]
-            contrib = chain.per_sample_gradients(joint[0], joint[1])
-            grads = [layer.grad_matrix - torch.cat([cw, cb[:, None]], dim=1) for layer, (cw, cb) in zip(chain.layers, contrib)]
+            grads = _peeled(chain, [layer.grad_matrix for layer in chain.layers], joint[0], joint[1])
     left = float(torch.sqrt(sum((g**2).sum() for g in grads))) / max(total_norm, 1e-300)
     if not found_x:
         if one_hot and not every_layer and first is not None and any(first.separated / 2 <= r < vh.shape[1] and k not in first.row for k, (r, (_, _, vh)) in enumerate(zip(first.rank, first.svd))):
@@ -325,12 +319,19 @@ def _certify_jointly(first: Search, xs: Tensor, gs: Tensor, search: Search, x_ne
     _, pre_x = chain.forward(x)
     if any(bool(((z > 0) != m).any()) for z, m in zip(pre_x[:-1], masks)):
         return None  # a point left its cell
-    rest = [layer.grad_matrix - torch.cat([cw, cb[:, None]], dim=1) for layer, (cw, cb) in zip(chain.layers, chain.per_sample_gradients(x, g))]
+    rest = _peeled(chain, [layer.grad_matrix for layer in chain.layers], x, g)
     deep_tol = deep_tolerance(tol)
     if any(float(r.norm()) > deep_tol * max(float(layer.grad_matrix.norm()), 1e-300) for r, layer in zip(rest, chain.layers)):
         return None
     return x, g
 
+
+
+def _peeled(chain: Chain, grads: list[Tensor], xs: Tensor, gs: Tensor) -> list[Tensor]:
+    """Each layer's ``[dW | db]`` in ``grads`` less the exact contributions of the samples xs
+    whose output gradients are gs (peeling)."""
+    contrib = chain.per_sample_gradients(xs, gs)
+    return [g - torch.cat([cw, cb[:, None]], dim=1) for g, (cw, cb) in zip(grads, contrib)]
 
 
 def _unit_ratios(g: Tensor) -> Tensor:
@@ -348,11 +349,11 @@ def _unit_ratios(g: Tensor) -> Tensor:
 SCALE_TOL = 1e-2
 
 
-def _newton_certified(search: Search, x: Tensor, tol: float, limit: int, max_output_grad: float = float("inf"), one_output: bool | None = None, same_scale: bool = True) -> list[tuple[Tensor, Tensor]]:
+def _newton_certified(search: Search, x: Tensor, tol: float, limit: int, max_output_grad: float = float("inf"), dqn: bool = False) -> list[tuple[Tensor, Tensor]]:
     """Newton fixed points with zero residual in every row space, whose output gradient passes
     the last hidden layer's column test; chosen pairwise biorthogonal (module docstring).
-    ``one_output`` (default: the search's ``one_hot``): each output is tested on its own.
-    ``same_scale``: with it, a term's scale at the first layer is checked (see :func:`_select`)."""
+    ``dqn``: DQN's own tests, each output on its own and the term's scale at the first layer
+    (see :func:`_select`); otherwise the best mixture of outputs."""
     if search.rank[search.last_hidden] == 0 or not search.deep:
         # without a deeper row space every point of the first layer's subspace is a fixed point:
         # nothing to certify one point by (the completion alone can)
@@ -362,7 +363,7 @@ def _newton_certified(search: Search, x: Tensor, tol: float, limit: int, max_out
     if not bool(ok.any()):
         return []
     x, r_row = x[ok], r_row[ok]
-    if search.one_hot if one_output is None else one_output:
+    if dqn:
         # DQN: a sample's output gradient is non-zero at its action only, so each output is
         # tested on its own. The best mixture passes at points that are no sample (measured: an
         # untrained 64-wide merge network, B = 16, seed 3: five points certified, 0.01 to 0.3
@@ -376,7 +377,7 @@ def _newton_certified(search: Search, x: Tensor, tol: float, limit: int, max_out
     ok = r_col < tol
     # a sample's term has one scale at every layer: where the first layer holds every term
     # (its rank the batch's), its scale there must agree with the last hidden layer's
-    same_scale = same_scale and one_output is not False and search.one_hot and search.rank[0] >= limit
+    same_scale = dqn and search.rank[0] >= limit
     return _select(search, x[ok], g_dir[ok], r_row[ok] + r_col[ok], limit, max(1e-4, 10.0 * tol**0.5), max_output_grad, same_scale)
 
 
