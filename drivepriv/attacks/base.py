@@ -152,6 +152,39 @@ def gradient_distance(g: tuple[Tensor, ...], target: tuple[Tensor, ...], kind: s
     raise ValueError(f"unknown gradient distance {kind!r}")
 
 
+def one_per_direction(u: Tensor, same: float, block: int = 1024) -> tuple[list[int], list[int]]:
+    """One term per direction, in order: each unit row of ``u`` joins the earlier kept row it
+    is most parallel to where ``|cos| >= same``, else it is kept. Returns the kept rows and how
+    many rows each took. The rows of a block are compared with the rows kept before it in one
+    product, and one by one only with those the block itself adds (a FedAvg update's noise
+    loosens the column test: 42,853 terms from 9,549 points on a highway update, K = 3, which
+    a row-by-row loop merged in more than 17 minutes)."""
+    cand: list[int] = []
+    hits: list[int] = []
+    for start in range(0, len(u), block):
+        rows = u[start : start + block]
+        old = len(cand)
+        if old:
+            c_old = (rows @ u[cand].T).abs()
+            j_old = c_old.argmax(1)
+            best_old = c_old.gather(1, j_old[:, None])[:, 0]
+        for i in range(len(rows)):
+            j, best = -1, -1.0
+            if old:
+                j, best = int(j_old[i]), float(best_old[i])
+            if len(cand) > old:
+                c_new = (u[cand[old:]] @ rows[i]).abs()
+                k = int(c_new.argmax())
+                if float(c_new[k]) > best:  # ties go to the earlier row, as argmax over all
+                    j, best = old + k, float(c_new[k])
+            if best >= same:
+                hits[j] += 1
+            else:
+                cand.append(start + i)
+                hits.append(1)
+    return cand, hits
+
+
 def linear_layers(model: nn.Module) -> list[str]:
     """The names of the model's ``nn.Linear`` layers, in ``named_modules`` order."""
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]

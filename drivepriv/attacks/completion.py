@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from drivepriv.attacks.base import lstsq
+from drivepriv.attacks.base import lstsq, one_per_direction
 from drivepriv.attacks.chain import Search, term_grams, term_kernel, term_system
 
 
@@ -183,7 +183,7 @@ def complete_first_layer(search: Search, x: Tensor, tol: float, gen: torch.Gener
     if dirs is not None:
         terms = Terms.cat([dirs, terms])
     same = 1.0 - max(1e-6, tol)
-    cand, hits = _one_per_direction(terms.u, same)
+    cand, hits = one_per_direction(terms.u, same)
     if len(cand) < r:
         return []
     terms = terms.take(torch.tensor(cand))
@@ -265,40 +265,6 @@ def complete_first_layer(search: Search, x: Tensor, tol: float, gen: torch.Gener
         else:
             return fallback or partial
     return fallback or partial
-
-
-
-def _one_per_direction(u: Tensor, same: float, block: int = 1024) -> tuple[list[int], list[int]]:
-    """One term per direction, in order: each unit row of ``u`` joins the earlier kept row it
-    is most parallel to where ``|cos| >= same``, else it is kept. Returns the kept rows and how
-    many rows each took. The rows of a block are compared with the rows kept before it in one
-    product, and one by one only with those the block itself adds (a FedAvg update's noise
-    loosens the column test: 42,853 terms from 9,549 points on a highway update, K = 3, which
-    a row-by-row loop merged in more than 17 minutes)."""
-    cand: list[int] = []
-    hits: list[int] = []
-    for start in range(0, len(u), block):
-        rows = u[start : start + block]
-        old = len(cand)
-        if old:
-            c_old = (rows @ u[cand].T).abs()
-            j_old = c_old.argmax(1)
-            best_old = c_old.gather(1, j_old[:, None])[:, 0]
-        for i in range(len(rows)):
-            j, best = -1, -1.0
-            if old:
-                j, best = int(j_old[i]), float(best_old[i])
-            if len(cand) > old:
-                c_new = (u[cand[old:]] @ rows[i]).abs()
-                k = int(c_new.argmax())
-                if float(c_new[k]) > best:  # ties go to the earlier row, as argmax over all
-                    j, best = old + k, float(c_new[k])
-            if best >= same:
-                hits[j] += 1
-            else:
-                cand.append(start + i)
-                hits.append(1)
-    return cand, hits
 
 
 
