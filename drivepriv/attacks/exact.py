@@ -119,9 +119,9 @@ def recover_exact(
     include the row spaces of the layers below the largest rank (``Search``); with one-hot
     outputs, where the recovery certifies nothing without them and such a layer has at least
     half that rank, it is run again with them. ``sample_output_grad``: the largest output gradient
-    (max norm) of one sample (DQN's Huber loss: ``1 / B``). A term merges at most
-    ``n - r + 1`` samples (r: the first layer's rank, at most the number of terms), so a Newton
-    point whose exact scale exceeds that many samples' is no sample. ``one_step``: the update is
+    (max norm) of one sample (DQN's Huber loss: ``1 / B``). A term of the last hidden layer, where
+    its scale is read, merges at most ``n - r + 1`` samples (r: the larger of that layer's and the
+    first layer's rank), so a Newton point whose exact scale exceeds that many samples' is no sample. ``one_step``: the update is
     one gradient (FedSGD, or FedAvg with one local step), so each term has one scale at every
     layer; under several local steps the layers hold terms at different parameters and DQN's
     tests (one output, the bound, one scale) are not applied. Deterministic for a given seed.
