@@ -74,9 +74,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from drivepriv.attacks.base import lstsq
+from drivepriv.attacks.base import full_rank, lstsq
 from drivepriv.attacks.chain import Chain, Search, term_system
-from drivepriv.attacks.completion import Terms, complete_dependent, complete_first_layer, deep_tolerance, full_rank, pattern_directions
+from drivepriv.attacks.completion import Terms, complete_dependent, complete_first_layer, deep_tolerance, pattern_directions
 
 
 @dataclass
