@@ -163,34 +163,42 @@ def one_per_direction(u: Tensor, same: float, block: int = 1024) -> tuple[list[i
     cand: list[int] = []
     hits: list[int] = []
     u32 = u.float()
-    margin = 1e-6 * u.shape[1]  # 16x the rounding of a float32 product of unit rows
+    margin = 2.0 * (u.shape[1] + 2) * 2.0**-24  # twice the worst rounding of a float32 product of unit rows
     for start in range(0, len(u), block):
         rows = u[start : start + block]
         old = len(cand)
         j_old, best_old = [-1] * len(rows), [-1.0] * len(rows)
         if old:
-            # screened in float32; the rows that may join are compared again in float64 (a row
-            # far from every kept one is kept unless the block's own rows take it: -1 does)
-            near = torch.nonzero((u32[start : start + block] @ u32[cand].T).abs().amax(1) >= same - margin).flatten()
-            if len(near):
-                c_old = (rows[near] @ u[cand].T).abs()
-                j = c_old.argmax(1)
-                for i, j_i, best_i in zip(near.tolist(), j.tolist(), c_old.gather(1, j[:, None])[:, 0].tolist()):
-                    j_old[i], best_old[i] = j_i, best_i
+            # Screened in float32; the pairs that may reach `same` are compared again in float64,
+            # each row's most parallel one kept (the first where several tie). A row without such
+            # a pair joins none of these: its -1 lets the block's own rows decide.
+            kept_t = torch.tensor(cand)
+            i_near, j_near = torch.nonzero((u32[start : start + block] @ u32[kept_t].T).abs() >= same - margin, as_tuple=True)
+            if len(i_near):
+                c = (rows[i_near] * u[kept_t[j_near]]).sum(1).abs()
+                best = torch.full((len(rows),), -1.0, dtype=c.dtype).scatter_reduce(0, i_near, c, "amax")
+                top = c == best[i_near]
+                first = torch.full((len(rows),), old, dtype=torch.long).scatter_reduce(0, i_near[top], j_near[top], "amin")
+                for i in torch.unique(i_near).tolist():
+                    j_old[i], best_old[i] = int(first[i]), float(best[i])
         gram = (rows @ rows.T).abs()
-        local: list[int] = []  # the block's rows kept so far
+        # only a row with an earlier row of the block within `same` can join one of the block's
+        kin = (gram.tril(-1) >= same).any(1).tolist()
+        kept = torch.zeros(len(rows), dtype=torch.bool)
+        at: list[int] = [0] * len(rows)  # a kept row's index in cand
         for i in range(len(rows)):
             j, best = j_old[i], best_old[i]
-            if local:
-                c_new = gram[i, local]
+            if kin[i]:
+                c_new = torch.where(kept[:i], gram[i, :i], -1.0)
                 k = int(c_new.argmax())
                 if float(c_new[k]) > best:  # ties go to the earlier row, as argmax over all
-                    j, best = old + k, float(c_new[k])
+                    j, best = at[k], float(c_new[k])
             if best >= same:
                 hits[j] += 1
             else:
+                at[i] = len(cand)
+                kept[i] = True
                 cand.append(start + i)
-                local.append(i)
                 hits.append(1)
     return cand, hits
 

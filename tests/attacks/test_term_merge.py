@@ -28,14 +28,14 @@ def row_by_row(u: torch.Tensor, same: float) -> tuple[list[int], list[int]]:
 
 def directions(seed: int, n: int = 600, d: int = 48) -> torch.Tensor:
     """Unit rows: repeats of 150 directions with either sign, a third of them moved by about
-    7e-8 (they join), a sixth by about 4e-3 (|cos| about 1 - 9e-6: inside the float32 screen's
+    7e-8 (they join), a sixth by about 3e-3 (|cos| about 1 - 4e-6: inside the float32 screen's
     margin below a threshold of 1 - 1e-6, so decided in float64, and kept apart)."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(150, d, generator=g, dtype=torch.float64)
     u = base[torch.randint(150, (n,), generator=g)]
     u = u / u.norm(dim=1, keepdim=True)
     pick = torch.rand(n, generator=g)
-    step = torch.where(pick < 1 / 3, 1e-8, torch.where(pick < 1 / 2, 6e-4, 0.0)).double()
+    step = torch.where(pick < 1 / 3, 1e-8, torch.where(pick < 1 / 2, 4e-4, 0.0)).double()
     u = u + step[:, None] * torch.randn(n, d, generator=g, dtype=torch.float64)
     u = u * torch.where(torch.rand(n, 1, generator=g) < 0.5, -1.0, 1.0).double()
     return u / u.norm(dim=1, keepdim=True)
