@@ -152,55 +152,73 @@ def gradient_distance(g: tuple[Tensor, ...], target: tuple[Tensor, ...], kind: s
     raise ValueError(f"unknown gradient distance {kind!r}")
 
 
-def one_per_direction(u: Tensor, same: float, block: int = 1024) -> tuple[list[int], list[int]]:
+@dataclass
+class MergeState:
+    """Where :func:`one_per_direction` stands after the first ``rows`` rows: the rows kept so
+    far and how many rows each took (resuming from it gives what one pass over all rows gives)."""
+
+    rows: int = 0
+    cand: list[int] = field(default_factory=list)
+    hits: list[int] = field(default_factory=list)
+
+
+def one_per_direction(u: Tensor, same: float, block: int = 1024, state: MergeState | None = None, mark: int | None = None) -> tuple[list[int], list[int], MergeState | None]:
     """One term per direction, in order: each unit row of ``u`` joins the earlier kept row it
-    is most parallel to where ``|cos| >= same``, else it is kept. Returns the kept rows and how
-    many rows each took. The rows of a block are compared with the rows kept before it in one
-    product, and with each other in another (the block's Gram matrix), so that the loop over a
-    block's rows only picks entries (a FedAvg update's noise loosens the column test: 42,853
-    terms from 9,549 points on a highway update, K = 3, 40,480 of them kept, which a row-by-row
-    loop merged in more than 17 minutes)."""
-    cand: list[int] = []
-    hits: list[int] = []
+    is most parallel to where ``|cos| >= same`` (the first of several that tie), else it is kept.
+    Returns the kept rows, how many rows each took, and the state after the first ``mark`` rows
+    (None without ``mark``). ``state``: resume after its rows, the first rows of ``u``.
+
+    Every pair is screened in float32, in one product per block of rows (against the rows kept
+    before the block, and within it), and the pairs within twice the float32 product's worst
+    rounding of ``same`` are compared in float64, each on its own (so the result does not depend
+    on where blocks start); the loop over a block's rows only picks among those. (A FedAvg
+    update's noise loosens the column test: 42,853 terms from 9,549 points on a highway update,
+    K = 3, 40,480 of them kept, which a row-by-row loop merged in more than 17 minutes.)"""
+    st = MergeState() if state is None else MergeState(state.rows, list(state.cand), list(state.hits))
+    cand, hits = st.cand, st.hits
     u32 = u.float()
     margin = 2.0 * (u.shape[1] + 2) * 2.0**-24  # twice the worst rounding of a float32 product of unit rows
-    for start in range(0, len(u), block):
-        rows = u[start : start + block]
-        old = len(cand)
-        j_old, best_old = [-1] * len(rows), [-1.0] * len(rows)
-        if old:
-            # Screened in float32; the pairs that may reach `same` are compared again in float64,
-            # each row's most parallel one kept (the first where several tie). A row without such
-            # a pair joins none of these: its -1 lets the block's own rows decide.
+    snap = None
+    starts = list(range(st.rows, len(u), block))
+    if mark is not None and mark not in starts and st.rows < mark < len(u):
+        starts = sorted(set(starts) | {mark})
+    for b, start in enumerate(starts):
+        if start == mark:
+            snap = MergeState(start, list(cand), list(hits))
+        stop = starts[b + 1] if b + 1 < len(starts) else len(u)
+        rows, n = u[start:stop], stop - start
+        j_old, best_old = [-1] * n, [-1.0] * n
+        if cand:  # the kept rows' most parallel one, per row of the block (-1: none near)
             kept_t = torch.tensor(cand)
-            i_near, j_near = torch.nonzero((u32[start : start + block] @ u32[kept_t].T).abs() >= same - margin, as_tuple=True)
+            i_near, j_near = torch.nonzero((u32[start:stop] @ u32[kept_t].T).abs() >= same - margin, as_tuple=True)
             if len(i_near):
                 c = (rows[i_near] * u[kept_t[j_near]]).sum(1).abs()
-                best = torch.full((len(rows),), -1.0, dtype=c.dtype).scatter_reduce(0, i_near, c, "amax")
+                best = torch.full((n,), -1.0, dtype=c.dtype).scatter_reduce(0, i_near, c, "amax")
                 top = c == best[i_near]
-                first = torch.full((len(rows),), old, dtype=torch.long).scatter_reduce(0, i_near[top], j_near[top], "amin")
+                first = torch.full((n,), len(cand), dtype=torch.long).scatter_reduce(0, i_near[top], j_near[top], "amin")
                 for i in torch.unique(i_near).tolist():
                     j_old[i], best_old[i] = int(first[i]), float(best[i])
-        gram = (rows @ rows.T).abs()
-        # only a row with an earlier row of the block within `same` can join one of the block's
-        kin = (gram.tril(-1) >= same).any(1).tolist()
-        kept = torch.zeros(len(rows), dtype=torch.bool)
-        at: list[int] = [0] * len(rows)  # a kept row's index in cand
-        for i in range(len(rows)):
+        # pairs within the block, each row with the earlier ones near it (in order)
+        i_in, k_in = torch.nonzero(torch.tril((u32[start:stop] @ u32[start:stop].T).abs(), -1) >= same - margin, as_tuple=True)
+        c_in = (rows[i_in] * rows[k_in]).sum(1).abs().tolist()
+        near: dict[int, list[tuple[int, float]]] = {}
+        for i, k, c in zip(i_in.tolist(), k_in.tolist(), c_in):
+            near.setdefault(i, []).append((k, c))
+        at: dict[int, int] = {}  # the block's kept rows: index in cand
+        for i in range(n):
             j, best = j_old[i], best_old[i]
-            if kin[i]:
-                c_new = torch.where(kept[:i], gram[i, :i], -1.0)
-                k = int(c_new.argmax())
-                if float(c_new[k]) > best:  # ties go to the earlier row, as argmax over all
-                    j, best = at[k], float(c_new[k])
+            for k, c in near.get(i, ()):
+                if k in at and c > best:  # ties go to the earlier row
+                    j, best = at[k], c
             if best >= same:
                 hits[j] += 1
             else:
                 at[i] = len(cand)
-                kept[i] = True
                 cand.append(start + i)
                 hits.append(1)
-    return cand, hits
+    if mark is not None and snap is None and mark >= len(u):
+        snap = MergeState(len(u), list(cand), list(hits))
+    return cand, hits, snap
 
 
 def independent_rows(C: Tensor, order: list[int], r: int) -> list[int] | None:

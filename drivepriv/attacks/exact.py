@@ -158,6 +158,7 @@ def recover_exact(
     enumerated: Terms | None = None
     last: tuple[Search, Tensor] | None = None  # the last round's search and Newton points
     completed = False
+    memo: dict = {}  # the completion's terms and merge of the pool so far (it only grows)
     for rounds in range(1, max_rounds + 1):
         if remaining - tentative <= 0:
             break
@@ -180,7 +181,7 @@ def recover_exact(
         if rounds == 1:
             enumerated = pattern_directions(first, pool[0], tol)
             stats["patterns_enumerated"] = float(len(enumerated))
-        complete = complete_first_layer(first, torch.cat(pool + found_x), tol, gen, dirs=enumerated)
+        complete = complete_first_layer(first, torch.cat(pool + found_x), tol, gen, dirs=enumerated, memo=memo, stable=sum(len(p) for p in pool))
         if complete:
             # all of the update's first-layer terms at once, from the original gradient
             stats[f"round{rounds}_completed"] = float(len(complete))

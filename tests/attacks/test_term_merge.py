@@ -45,10 +45,20 @@ def test_one_per_direction_keeps_and_counts_as_the_row_by_row_rule() -> None:
     for seed in range(3):
         u = directions(seed)
         want = row_by_row(u, 1.0 - 1e-6)
-        got = one_per_direction(u, 1.0 - 1e-6, block=64)  # several blocks
-        assert got == want
-        assert 150 < len(got[0]) < len(u)  # some joined, the moved-by-3e-3 ones did not
-        assert sum(got[1]) == len(u)
+        cand, hits, _ = one_per_direction(u, 1.0 - 1e-6, block=64)  # several blocks
+        assert (cand, hits) == want
+        assert 150 < len(cand) < len(u)  # some joined, the moved-by-3e-3 ones did not
+        assert sum(hits) == len(u)
+
+
+def test_one_per_direction_resumes_where_it_stood() -> None:
+    """Merging the first rows, then resuming from the state at a mark with more rows, gives
+    what one pass gives (the first-layer completion merges a pool that grows round by round)."""
+    u = directions(1)
+    want = one_per_direction(u, 1.0 - 1e-6, block=64)[:2]
+    _, _, state = one_per_direction(u[:400], 1.0 - 1e-6, block=64, mark=250)
+    assert state is not None and state.rows == 250
+    assert one_per_direction(u, 1.0 - 1e-6, block=64, state=state)[:2] == want
 
 
 def test_terms_put_appends_as_concatenation_does() -> None:
