@@ -180,7 +180,7 @@ def one_per_direction(u: Tensor, same: float, block: int = 1024, state: MergeSta
     margin = 2.0 * (u.shape[1] + 2) * 2.0**-24  # twice the worst rounding of a float32 product of unit rows
     snap = None
     starts = list(range(st.rows, len(u), block))
-    if mark is not None and mark not in starts and st.rows < mark < len(u):
+    if mark is not None and st.rows < mark < len(u):
         starts = sorted(set(starts) | {mark})
     for b, start in enumerate(starts):
         if start == mark:

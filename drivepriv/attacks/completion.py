@@ -188,11 +188,11 @@ def complete_first_layer(search: Search, x: Tensor, tol: float, gen: torch.Gener
     if memo and memo["search"] is search and memo["done"] <= stable and torch.equal(memo["x"], x[: memo["done"]]):
         head, state, done = memo["terms"], memo["state"], memo["done"]
     mid = Terms.of_points(search, x[done:stable], tol) if stable > done else Terms.empty(search)
-    terms = Terms.cat([head, mid, Terms.of_points(search, x[max(stable, done):], tol)])
+    terms = Terms.cat([head, mid, Terms.of_points(search, x[stable:], tol)])  # done <= stable
     same = 1.0 - max(1e-6, tol)
     cand, hits, snap = one_per_direction(terms.u, same, state=state, mark=len(head) + len(mid))
     if memo is not None:
-        memo.update(search=search, done=max(stable, done), x=x[: max(stable, done)], terms=Terms.cat([head, mid]), state=snap)
+        memo.update(search=search, done=stable, x=x[:stable], terms=Terms.cat([head, mid]), state=snap)
     if len(cand) < r:
         return []
     terms = terms.take(torch.tensor(cand))
